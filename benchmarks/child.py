@@ -1,0 +1,238 @@
+"""Measurements that run inside one fresh child process (``run.py --child ...``).
+
+Each child builds exactly one contestant, measures it, and prints one JSON line on stdout
+prefixed with ``RESULT_MARKER``.  Kinds:
+
+* ``train``  -- training step = forward + loss(labels=input_ids) + backward + zero_grad(set_to_none),
+               ``model.train()``; per-step wall time (time.perf_counter) after ``warmup`` untimed
+               steps, plus peak-RSS growth over all steps (warm-up included).
+* ``infer``  -- forward of the unmerged model in eval mode under ``torch.inference_mode()``.
+* ``io``     -- merge_and_unload time, adapter save time, adapter load time, adapter size on disk.
+
+Peak memory: baseline = current RSS (psutil) right after model build + input creation; then the
+kernel's RSS high-water mark is reset (``echo 5 > /proc/self/clear_refs``) so that
+``getrusage(RUSAGE_SELF).ru_maxrss`` after the steps is the peak of the measured phase only;
+reported figure = peak - baseline in MiB.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import models
+
+RESULT_MARKER = "@@LORAKIT_BENCH_RESULT@@"
+MIB = 1024.0 * 1024.0
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / MIB
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def reset_peak() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _setup_torch(threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(torch.float32)
+    return torch
+
+
+def _measure_steps(
+    step: Callable[[], None], warmup: int, steps: int, first: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Baseline RSS, reset HWM, run warm-up + timed steps, return times and memory.
+
+    ``first`` (if given) replaces the first warm-up step, e.g. to also run sanity checks.
+    """
+    gc.collect()
+    baseline = rss_mb()
+    build_peak = maxrss_mb()
+    reset_ok = reset_peak()
+    for i in range(max(warmup, 1 if first else 0)):
+        (first if (i == 0 and first is not None) else step)()
+    times: list[float] = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = maxrss_mb()
+    return {
+        "times_s": times,
+        "baseline_rss_mb": baseline,
+        "build_peak_rss_mb": build_peak,
+        "peak_rss_mb": peak,
+        "peak_growth_mb": peak - baseline,
+        "hwm_reset": reset_ok,
+    }
+
+
+def run_train(args: dict[str, Any]) -> dict[str, Any]:
+    torch = _setup_torch(args["threads"])
+    name, hidden, dropout = args["contestant"], args["hidden"], args["dropout"]
+    model = models.build_contestant(name, hidden, dropout, max_positions=args["seq"])
+    model.train()
+    ids = models.make_inputs(args["batch"], args["seq"])
+    n_trainable = models.count_trainable(model)
+
+    trainable_tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    sanity: dict[str, Any] = {}
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def first_step() -> None:
+        # The first warm-up step also records the loss and how many parameters received a grad.
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        sanity["tensors_with_grad"] = sum(1 for p in model.parameters() if p.grad is not None)
+        sanity["first_loss"] = float(loss.detach())
+        model.zero_grad(set_to_none=True)
+
+    res = _measure_steps(step, args["warmup"], args["steps"], first=first_step)
+    res.update(sanity)
+    res.update(
+        trainable_params=n_trainable,
+        trainable_tensors=trainable_tensors,
+        threads=torch.get_num_threads(),
+    )
+    return res
+
+
+def run_infer(args: dict[str, Any]) -> dict[str, Any]:
+    torch = _setup_torch(args["threads"])
+    model = models.build_contestant(args["contestant"], args["hidden"], 0.0, max_positions=args["seq"])
+    model.eval()
+    ids = models.make_inputs(args["batch"], args["seq"])
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    res = _measure_steps(step, args["warmup"], args["steps"])
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
+def run_io(args: dict[str, Any]) -> dict[str, Any]:
+    torch = _setup_torch(args["threads"])
+    name, hidden, reps = args["contestant"], args["hidden"], args["reps"]
+    merge_s: list[float] = []
+    save_s: list[float] = []
+    load_s: list[float] = []
+    size_total = size_weights = 0
+    probe = models.make_inputs(1, 16)
+    max_merge_diff = 0.0
+    b_changed = 0
+    with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
+        for rep in range(reps):
+            model = models.build_contestant(name, hidden, 0.0)
+            b_changed = _randomize_lora_b(model)
+            model.eval()
+            with torch.inference_mode():
+                before = model(input_ids=probe).logits
+            gc.collect()
+            t0 = time.perf_counter()
+            merged = models.merge(name, model)
+            merge_s.append(time.perf_counter() - t0)
+            with torch.inference_mode():
+                after = merged(input_ids=probe).logits
+            max_merge_diff = max(max_merge_diff, float((after - before).abs().max()))
+            del merged, model, before, after
+
+            model = models.build_contestant(name, hidden, 0.0)
+            _randomize_lora_b(model)
+            out_dir = os.path.join(tmp, f"{name}-{rep}")
+            gc.collect()
+            t0 = time.perf_counter()
+            models.save(name, model, out_dir)
+            save_s.append(time.perf_counter() - t0)
+            size_total = models.dir_size_bytes(out_dir)
+            size_weights = models.weight_file_bytes(out_dir)
+            del model
+
+            base = models.build_base(hidden)
+            gc.collect()
+            t0 = time.perf_counter()
+            loaded = models.load(name, base, out_dir)
+            load_s.append(time.perf_counter() - t0)
+            del loaded, base
+    return {
+        "merge_s": merge_s,
+        "save_s": save_s,
+        "load_s": load_s,
+        "adapter_bytes": size_total,
+        "adapter_weight_bytes": size_weights,
+        "merge_max_abs_diff": max_merge_diff,
+        "lora_b_tensors_randomized": b_changed,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _randomize_lora_b(model: Any) -> int:
+    """Give LoRA 'B' matrices non-zero values so that merging changes weights (checked via logits).
+
+    Returns how many tensors were changed (0 means the merge check is vacuous).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(123)
+    changed = 0
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.requires_grad and "lora_b" in pname.lower():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+                changed += 1
+    return changed
+
+
+KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "train": run_train,
+    "infer": run_infer,
+    "io": run_io,
+}
+
+
+def main(payload: str) -> int:
+    """Entry point for ``run.py --child JSON``: prints one marker line with a JSON object."""
+    args = json.loads(payload)
+    try:
+        result = KINDS[args["kind"]](args)
+        result["ok"] = True
+        code = 0
+    except Exception as exc:  # report any failure to the parent instead of a bare traceback
+        result = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+        code = 1
+    sys.stdout.write(RESULT_MARKER + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code

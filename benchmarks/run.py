@@ -1,0 +1,240 @@
+"""lorakit benchmark suite: FLOOR vs lorakit vs PEFT, on CPU, fp32, 2 threads.
+
+Usage::
+
+    .venv/bin/python benchmarks/run.py                 # full run -> benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/run.py --quick         # smoke run, smaller sizes, 1 round
+    .venv/bin/python benchmarks/run.py --only train_step --out /tmp/r.md
+
+Benchmarks (every configuration is measured in its own fresh subprocess, see child.py):
+
+* ``train_step``      -- forward + loss + backward + zero_grad of a 4-layer Llama-style model
+                         (batch 4 x 256) at hidden 512 and 1024, LoRA dropout 0 and 0.1: median step
+                         time and peak-RSS growth of FLOOR (frozen model, activation grads only),
+                         lorakit and PEFT, with ratios and PASS/FAIL goals.
+* ``inference``       -- unmerged forward, eval mode, inference_mode, batch 32 x 128, hidden 1024:
+                         base model vs lorakit vs PEFT.
+* ``merge_save_load`` -- merge_and_unload, adapter save and adapter load times at hidden 1024,
+                         plus adapter size on disk: lorakit vs PEFT.
+
+Fairness: repetitions are organised in rounds; each round runs one child per contestant, and the
+contestant order is rotated from round to round so that slow drifts in machine load hit everybody.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import child
+import report
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS: tuple[str, ...] = ("train_step", "inference", "merge_save_load")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and repetition counts for one run."""
+
+    rounds: int = 3
+    warmup: int = 2
+    threads: int = 2
+    train_hiddens: tuple[int, ...] = (512, 1024)
+    train_dropouts: tuple[float, ...] = (0.0, 0.1)
+    train_batch: int = 4
+    train_seq: int = 256
+    train_steps: int = 4
+    infer_hidden: int = 1024
+    infer_batch: int = 32
+    infer_seq: int = 128
+    infer_steps: int = 4
+    io_hidden: int = 1024
+    io_rounds: int = 2
+    io_reps: int = 3
+    child_timeout_s: float = 900.0
+    quick: bool = False
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+
+FULL = Settings()
+QUICK = Settings(
+    rounds=1,
+    train_hiddens=(256, 512),
+    train_seq=128,
+    train_steps=2,
+    infer_hidden=512,
+    infer_batch=8,
+    infer_steps=2,
+    io_hidden=512,
+    io_rounds=1,
+    io_reps=1,
+    child_timeout_s=300.0,
+    quick=True,
+)
+
+
+def run_child(payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its JSON result (or an error dict)."""
+    env = dict(os.environ)
+    threads = str(payload["threads"])
+    env.update(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    cmd = [sys.executable, str(HERE / "run.py"), "--child", json.dumps(payload)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"child timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(child.RESULT_MARKER):
+            result: dict[str, Any] = json.loads(line[len(child.RESULT_MARKER) :])
+            return result
+    tail = (proc.stderr or proc.stdout)[-3000:]
+    return {
+        "ok": False,
+        "error": f"child exited with code {proc.returncode} without a result",
+        "traceback": tail,
+    }
+
+
+def rotated(items: list[Any], by: int) -> list[Any]:
+    if not items:
+        return items
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _execute(
+    jobs: list[tuple[str, dict[str, Any]]], settings: Settings, results: dict[str, list[Any]]
+) -> None:
+    for key, payload in jobs:
+        t0 = time.perf_counter()
+        res = run_child(payload, settings.child_timeout_s)
+        results.setdefault(key, []).append(res)
+        status = "ok" if res.get("ok") else f"ERROR: {res.get('error')}"
+        _log(f"  {key:<38} {time.perf_counter() - t0:6.1f} s  {status}")
+
+
+def bench_train(s: Settings) -> dict[str, Any]:
+    contestants = [c for c in ("floor", "lorakit", "peft") if c not in s.skip]
+    results: dict[str, list[Any]] = {}
+    base = {"kind": "train", "threads": s.threads, "batch": s.train_batch, "seq": s.train_seq}
+    base.update(warmup=s.warmup, steps=s.train_steps)
+    for rnd in range(s.rounds):
+        _log(f"[train_step] round {rnd + 1}/{s.rounds}")
+        for hidden in s.train_hiddens:
+            jobs: list[tuple[str, dict[str, Any]]] = []
+            # FLOOR has no dropout: measured once per hidden size and round, shared by both dropouts.
+            if "floor" in contestants:
+                jobs.append(
+                    (f"H{hidden}/floor", {**base, "contestant": "floor", "hidden": hidden, "dropout": 0.0})
+                )
+            for p in s.train_dropouts:
+                for c in contestants:
+                    if c != "floor":
+                        payload = {**base, "contestant": c, "hidden": hidden, "dropout": p}
+                        jobs.append((f"H{hidden}/p{p}/{c}", payload))
+            _execute(rotated(jobs, rnd), s, results)
+    return {"settings": asdict(s), "results": results}
+
+
+def bench_infer(s: Settings) -> dict[str, Any]:
+    contestants = [c for c in ("base", "lorakit", "peft") if c not in s.skip]
+    results: dict[str, list[Any]] = {}
+    base = {"kind": "infer", "threads": s.threads, "hidden": s.infer_hidden, "batch": s.infer_batch}
+    base.update(seq=s.infer_seq, warmup=s.warmup, steps=s.infer_steps)
+    for rnd in range(s.rounds):
+        _log(f"[inference] round {rnd + 1}/{s.rounds}")
+        jobs = [(c, {**base, "contestant": c}) for c in contestants]
+        _execute(rotated(jobs, rnd), s, results)
+    return {"settings": asdict(s), "results": results}
+
+
+def bench_io(s: Settings) -> dict[str, Any]:
+    contestants = [c for c in ("lorakit", "peft") if c not in s.skip]
+    results: dict[str, list[Any]] = {}
+    base = {"kind": "io", "threads": s.threads, "hidden": s.io_hidden, "reps": s.io_reps}
+    for rnd in range(s.io_rounds):
+        _log(f"[merge_save_load] round {rnd + 1}/{s.io_rounds}")
+        jobs = [(c, {**base, "contestant": c}) for c in contestants]
+        _execute(rotated(jobs, rnd), s, results)
+    return {"settings": asdict(s), "results": results}
+
+
+RUNNERS = {"train_step": bench_train, "inference": bench_infer, "merge_save_load": bench_io}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fast smoke run: smaller sizes, 1 round")
+    ap.add_argument(
+        "--only", choices=BENCHMARKS, action="append", help="run only this benchmark (repeatable)"
+    )
+    ap.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown report path")
+    ap.add_argument("--json", type=Path, default=None, help="raw results (default: <out>.json)")
+    ap.add_argument("--rounds", type=int, default=None, help="override the number of rounds")
+    ap.add_argument("--steps", type=int, default=None, help="override timed steps per child")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=("lorakit", "peft", "floor", "base"),
+        help="leave out a contestant (repeatable), e.g. while lorakit does not exist yet",
+    )
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    s = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {"skip": tuple(args.skip)}
+    if args.rounds is not None:
+        overrides["rounds"] = args.rounds
+        overrides["io_rounds"] = args.rounds
+    if args.steps is not None:
+        overrides.update(train_steps=args.steps, infer_steps=args.steps)
+    return Settings(**{**asdict(s), **overrides})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        return child.main(args.child)
+    settings = make_settings(args)
+    names = args.only or list(BENCHMARKS)
+    started = time.time()
+    data: dict[str, Any] = {}
+    for name in names:
+        data[name] = RUNNERS[name](settings)
+    elapsed = time.time() - started
+    meta = report.collect_meta(settings.threads, elapsed, settings.quick)
+    markdown = report.render(meta, data)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown)
+    json_path = args.json or args.out.with_suffix(".json")
+    json_path.write_text(json.dumps({"meta": meta, "benchmarks": data}, indent=1))
+    print(markdown)
+    _log(f"wrote {args.out} and {json_path} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

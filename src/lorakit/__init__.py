@@ -1,0 +1,36 @@
+"""lorakit: low-rank adaptation (LoRA and its family) for PyTorch and Hugging Face transformers models."""
+
+from .config import LoraConfig
+from .errors import (
+    AdapterFileError,
+    AdapterNameError,
+    ConfigError,
+    LorakitError,
+    MergeError,
+    ShapeMismatchError,
+    TargetError,
+)
+from .io import load_adapter, save_adapter
+from .model import (
+    active_adapters,
+    adapter_names,
+    attach,
+    delete_adapter,
+    disabled,
+    get_config,
+    merge,
+    merge_and_unload,
+    set_active,
+    set_trainable,
+    trainable_parameters,
+    unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError", "AdapterNameError", "ConfigError", "LoraConfig", "LorakitError", "MergeError",
+    "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
+    "disabled", "get_config", "load_adapter", "merge", "merge_and_unload", "save_adapter", "set_active",
+    "set_trainable", "trainable_parameters", "unmerge",
+]

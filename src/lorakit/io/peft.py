@@ -1,0 +1,191 @@
+"""PEFT's adapter layout, both ways.
+
+    <dir>/adapter_config.json          {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    <dir>/adapter_model.safetensors    base_model.model.<module>.lora_A.weight  (r, k)
+                                       base_model.model.<module>.lora_B.weight  (d, r)
+                                       base_model.model.<module>.lora_embedding_A / _B  (embeddings)
+                                       base_model.model.<module>.weight / .bias (modules_to_save)
+                                       base_model.model.<module>.bias           (bias="all" / "lora_only")
+An adapter not named "default" is saved in <dir>/<name>/, as PEFT does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import model as M
+from ..config import LoraConfig
+from ..errors import AdapterFileError, AdapterNameError, ShapeMismatchError
+from ..layers import LoraLayer, SavedModule
+from ..targeting import is_target, iter_candidate_modules, output_head_names
+from .files import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_write,
+    read_config,
+    read_weights,
+    write_json,
+    write_safetensors,
+)
+
+PREFIX = "base_model.model."
+
+
+def adapter_dir(path: str | Path, name: str) -> Path:
+    """Where adapter `name` lives under `path`: `path` itself for "default", else `path/name`."""
+    return Path(path) if name == "default" else Path(path) / name
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s tensors under PEFT's file keys (the tensors themselves, not copies)."""
+    config = M.get_config(model, name)
+    state: dict[str, torch.Tensor] = {}
+    for layer in M.lora_layers(model):
+        if name in layer.adapters:
+            for suffix, tensor in layer.adapters[name].peft_tensors().items():
+                state[f"{PREFIX}{layer.path}.{suffix}"] = tensor
+    for saved in M.saved_modules(model):
+        if name in saved.copies:
+            for pname, tensor in saved.copies[name].state_dict(keep_vars=True).items():
+                state[f"{PREFIX}{saved.path}.{pname}"] = tensor
+    state.update(_bias_state(model, config))
+    return state
+
+
+def _bias_state(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """The trainable biases bias="all" / "lora_only" save, keyed as PEFT keys them."""
+    if config.bias == "none":
+        return {}
+    state: dict[str, torch.Tensor] = {}
+    for pname, param in model.named_parameters():
+        if not pname.endswith("bias") or ".adapters." in pname or ".copies." in pname:
+            continue
+        owner_path = pname.rsplit(".", 1)[0]
+        if config.bias == "lora_only" and not owner_path.endswith(".base_layer"):
+            continue
+        state[PREFIX + pname.replace(".original_module.", ".")] = param
+    return state
+
+
+def _file_targets(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
+    """The config as written to the file: target_modules such that PEFT's matching finds exactly the
+    modules this adapter is on (short names when they suffice, full paths otherwise)."""
+    wrapped = {layer.path for layer in M.lora_layers(model) if name in layer.adapters}
+    target = config.target_modules
+    if target == "all-linear":
+        target = sorted({path.rsplit(".", 1)[-1] for path in wrapped})
+    candidate = config.replace(target_modules=target)
+    heads = output_head_names(model)
+    found = {p for p, m in iter_candidate_modules(model) if is_target(candidate, p, m, heads)}
+    if found != wrapped:
+        candidate = config.replace(target_modules=sorted(wrapped), layers_to_transform=None, layers_pattern=None)
+    return candidate
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Save adapter `name` in PEFT's layout under `path` (a subfolder `name` unless it is "default").
+
+    Atomic: a failure while writing leaves any adapter already in that directory intact.
+    Returns the directory written.
+    """
+    config = _file_targets(model, M.get_config(model, name), name)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
+    directory = adapter_dir(path, name)
+    metadata = {"format": "pt", "producer": "lorakit"}
+    atomic_write(directory, {
+        WEIGHTS_NAME: write_safetensors(tensors, metadata),
+        CONFIG_NAME: write_json(config.to_peft_dict()),
+    })
+    return directory
+
+
+def _module_paths_in(keys: list[str], where: Path) -> list[str]:
+    suffixes = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+    paths: list[str] = []
+    for key in keys:
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{where}: key {key!r} does not start with {PREFIX!r}: not a PEFT LoRA file")
+        for suffix in suffixes:
+            if key.endswith(suffix):
+                module = key[len(PREFIX):-len(suffix)]
+                if module not in paths:
+                    paths.append(module)
+    return paths
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False
+) -> nn.Module:
+    """Load the adapter in `path` (PEFT's or lorakit's files) into `model` as adapter `name`.
+
+    The modules named in the file get the adapter. If the model had no active adapter, `name` becomes
+    active; otherwise the active set is unchanged (use set_active).
+
+    Raises:
+        AdapterFileError: missing or corrupt files, unknown peft_type, keys for modules the model lacks.
+        ShapeMismatchError: a tensor whose shape does not fit the model (module, expected and found shape).
+        AdapterNameError: `name` is already attached.
+    """
+    directory = Path(path)
+    if not (directory / CONFIG_NAME).is_file() and (directory / name / CONFIG_NAME).is_file():
+        directory = directory / name
+    try:
+        config = LoraConfig.from_peft_dict(read_config(directory), where=str(directory / CONFIG_NAME))
+    except AdapterFileError:
+        raise
+    except Exception as err:  # ConfigError or a field of the wrong type
+        raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from err
+    tensors = read_weights(directory)
+    if name in M.adapter_names(model):
+        raise AdapterNameError(f"an adapter named {name!r} is already attached; load it under another name")
+    paths = _module_paths_in(list(tensors), directory)
+    known = {p for p, _ in iter_candidate_modules(model)}
+    missing = [p for p in paths if p not in known]
+    if missing:
+        raise AdapterFileError(
+            f"{directory}: the file has adapter weights for {len(missing)} module(s) this model does not have, "
+            f"e.g. {missing[0]!r}; was it trained on another model?"
+        )
+    if not paths:
+        raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
+    previously_active = M.active_adapters(model)
+    M.attach_at(model, config, name, paths)
+    try:
+        _copy_into(model, name, tensors, directory)
+    except Exception:
+        M.delete_adapter(model, name)
+        raise
+    M.set_trainable(model, name, trainable)
+    if previously_active:
+        M.set_active(model, previously_active)
+    return model
+
+
+def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy file tensors into the adapter's parameters, checking every key and shape."""
+    targets = adapter_state(model, name)
+    unexpected = [k for k in tensors if k not in targets]
+    if unexpected:
+        raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
+    absent = [k for k in targets if k not in tensors]
+    if absent:
+        raise AdapterFileError(f"{where}: missing tensor {absent[0]!r} ({len(absent)} missing in all)")
+    for key, target in targets.items():
+        found = tensors[key]
+        if tuple(found.shape) != tuple(target.shape):
+            module = key[len(PREFIX):].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+            raise ShapeMismatchError(
+                f"{where}: module {module!r}: tensor {key.rsplit('.', 2)[-2:]} has shape {tuple(found.shape)}, "
+                f"the model expects {tuple(target.shape)}"
+            )
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(tensors[key])
+
+
+def is_lora_module(module: nn.Module) -> bool:
+    """True for lorakit's wrappers."""
+    return isinstance(module, (LoraLayer, SavedModule))

@@ -1,0 +1,150 @@
+"""The layer types lorakit can wrap, and how a low-rank pair (A, B) acts on each.
+
+One `LayerKind` per base module type, found through a dict keyed by type (walking the MRO, so subclasses
+work). A kind knows the adapter shapes, how to add s · B A x to the layer's output, how to lay a delta
+ΔW (d, k, *kernel) out like the base weight, and PEFT's key names for A and B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.lora import lora_linear_add
+
+try:  # GPT-2 style fused projections: weight stored (in, out)
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
+    HFConv1D = None
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How LoRA applies to one base layer type."""
+
+    name: str
+    dims: Callable[[nn.Module], tuple[int, int]]  # (k: input features, d: output features)
+    shapes: Callable[[nn.Module, int], tuple[tuple[int, ...], tuple[int, ...]]]  # (A shape, B shape) for rank r
+    add_delta: Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor, float, float], Tensor]
+    to_weight_layout: Callable[[Tensor], Tensor]  # ΔW (d, k, *kernel) -> the base weight's layout
+    peft_keys: tuple[str, str]  # key suffixes of A and B in PEFT's files
+    is_linear: bool = False  # counted by "all-linear"
+    uses_dropout: bool = True
+    fan_in_fan_out: bool = False
+
+
+def _linear_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+    return lora_linear_add(out, x, a, b, s, p)
+
+
+def _embedding_add(base: nn.Module, ids: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+    h = F.embedding(ids, a.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
+                    norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
+                    sparse=base.sparse)  # (..., r): rows of A for each token
+    return out + (h @ b.t().to(h.dtype)).mul_(s).to(out.dtype)
+
+
+def _conv_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[a.dim() - 2]
+    xin = F.dropout(x, p, training=True) if p > 0.0 else x
+    xin = xin.to(a.dtype)
+    if base.padding_mode != "zeros":
+        raise NotImplementedError(f"LoRA on a convolution with padding_mode={base.padding_mode!r}")
+    h = conv(xin, a, None, base.stride, base.padding, base.dilation)  # (B, r, *spatial)
+    return out + conv(h, b).mul_(s).to(out.dtype)
+
+
+def _identity(delta: Tensor) -> Tensor:
+    return delta
+
+
+def _transpose(delta: Tensor) -> Tensor:
+    return delta.t()
+
+
+LINEAR = LayerKind(
+    name="linear",
+    dims=lambda m: (m.in_features, m.out_features),
+    shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
+    add_delta=_linear_add,
+    to_weight_layout=_identity,
+    peft_keys=("lora_A.weight", "lora_B.weight"),
+    is_linear=True,
+)
+
+CONV1D_GPT2 = LayerKind(
+    name="conv1d_gpt2",
+    dims=lambda m: (m.weight.shape[0], m.weight.shape[1]),  # weight is (in, out)
+    shapes=lambda m, r: ((r, m.weight.shape[0]), (m.weight.shape[1], r)),
+    add_delta=_linear_add,
+    to_weight_layout=_transpose,
+    peft_keys=("lora_A.weight", "lora_B.weight"),
+    is_linear=True,
+    fan_in_fan_out=True,
+)
+
+EMBEDDING = LayerKind(
+    name="embedding",
+    dims=lambda m: (m.num_embeddings, m.embedding_dim),
+    shapes=lambda m, r: ((r, m.num_embeddings), (m.embedding_dim, r)),
+    add_delta=_embedding_add,
+    to_weight_layout=_transpose,  # ΔW (dim, num) -> weight (num, dim)
+    peft_keys=("lora_embedding_A", "lora_embedding_B"),
+    uses_dropout=False,
+)
+
+
+def _conv_shapes(m: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    ones = (1,) * len(m.kernel_size)
+    return (r, m.in_channels, *m.kernel_size), (m.out_channels, r, *ones)
+
+
+CONV = LayerKind(
+    name="conv",
+    dims=lambda m: (m.in_channels, m.out_channels),
+    shapes=_conv_shapes,
+    add_delta=_conv_add,
+    to_weight_layout=_identity,
+    peft_keys=("lora_A.weight", "lora_B.weight"),
+)
+
+LAYER_KINDS: dict[type, LayerKind] = {
+    nn.Linear: LINEAR,
+    nn.Embedding: EMBEDDING,
+    nn.Conv1d: CONV,
+    nn.Conv2d: CONV,
+    nn.Conv3d: CONV,
+}
+if HFConv1D is not None:
+    LAYER_KINDS[HFConv1D] = CONV1D_GPT2
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The LayerKind of `module` (its own type or nearest registered base class), or None."""
+    for cls in type(module).__mro__:
+        kind = LAYER_KINDS.get(cls)
+        if kind is not None:
+            return kind
+    return None
+
+
+def check_supported(module: nn.Module, path: str) -> LayerKind:
+    """The module's kind, or a TargetError that names the module, its type and the supported types."""
+    from .errors import TargetError
+
+    kind = kind_of(module)
+    if kind is None:
+        supported = ", ".join(sorted({c.__name__ for c in LAYER_KINDS}))
+        raise TargetError(
+            f"module {path!r} matched the targets but its type {type(module).__name__} cannot take a LoRA "
+            f"adapter (supported: {supported}); target its linear sub-layers instead"
+        )
+    if kind is CONV and getattr(module, "groups", 1) != 1:
+        raise TargetError(f"module {path!r}: grouped convolution (groups={module.groups}) is not supported")
+    return kind

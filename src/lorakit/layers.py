@@ -1,0 +1,119 @@
+"""Wrappers that replace a module of the model: LoraLayer (named adapters on one base layer) and
+SavedModule (PEFT's modules_to_save: a fully trainable copy per adapter, the original kept frozen).
+
+Both forward unknown attributes (`weight`, `in_features`, ...) to the wrapped module, so code that reads
+`model.q_proj.weight` keeps working.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import MergeError
+from .layer_kinds import LayerKind
+
+
+class _Wrapper(nn.Module):
+    """Forward attribute lookups the wrapper does not have to the wrapped module."""
+
+    _wrapped_attr = "base_layer"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._wrapped_attr:
+                raise
+            return getattr(super().__getattr__(self._wrapped_attr), name)
+
+
+class LoraLayer(_Wrapper):
+    """A base layer plus any number of named adapters; active ones are summed into its output.
+
+    forward: out = base(x) + sum over active, unmerged adapters a of a's contribution.
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind, path: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.kind = kind
+        self.path = path  # the module's name in the model, for messages
+        self.active: list[str] = []  # adapters applied in forward (those of the model's active set held here)
+        self.merged: list[str] = []  # adapters currently added into base_layer.weight
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return out
+        for name in self.active:
+            if name not in self.merged:
+                out = self.adapters[name].add_to_output(self.base_layer, x, out)
+        return out
+
+    # -- merging -----------------------------------------------------------------------------------------
+    def check_finite(self, names: list[str]) -> None:
+        """Raise MergeError if an adapter's delta has NaN or inf (safe merge)."""
+        for name in names:
+            if not torch.isfinite(self.adapters[name].delta_weight(self.base_layer)).all():
+                raise MergeError(f"adapter {name!r} on module {self.path!r} has NaN or inf in its delta; not merged")
+
+    def merge(self, names: list[str]) -> None:
+        """Add each adapter's ΔW (computed in fp32, cast to the weight's dtype) into the base weight."""
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            delta = self.adapters[name].delta_weight(self.base_layer)
+            with torch.no_grad():
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+            self.merged.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' ΔW again, last merged first."""
+        weight = self.base_layer.weight
+        while self.merged:
+            name = self.merged.pop()
+            delta = self.adapters[name].delta_weight(self.base_layer)
+            with torch.no_grad():
+                weight.copy_((weight.float() - delta).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, active={self.active}, merged={self.merged}"
+
+
+class SavedModule(_Wrapper):
+    """modules_to_save: the original module (frozen) and one trainable copy per adapter."""
+
+    _wrapped_attr = "original_module"
+
+    def __init__(self, original_module: nn.Module, path: str) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.path = path
+        self.active: str | None = None
+        self.disabled = False
+
+    def add_copy(self, name: str) -> nn.Module:
+        if name in self.copies:
+            raise MergeError(f"module {self.path!r} already has a trainable copy for adapter {name!r}")
+        clone = copy.deepcopy(self.original_module)
+        for param in clone.parameters():
+            param.requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def current(self) -> nn.Module:
+        """The module forward uses: the active adapter's copy, or the original."""
+        if self.disabled or self.active is None or self.active not in self.copies:
+            return self.original_module
+        return self.copies[self.active]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)

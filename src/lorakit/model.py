@@ -1,0 +1,324 @@
+"""The verbs on a whole model: attach, set_active, disabled, delete_adapter, merge, unmerge,
+merge_and_unload, trainable_parameters. Adapters live in LoraLayer wrappers; the model keeps a small
+`_lorakit` record of the configs and the active set.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import AdapterNameError, ConfigError, MergeError
+from .layer_kinds import check_supported
+from .layers import LoraLayer, SavedModule
+from .targeting import find_targets, iter_candidate_modules, matches_modules_to_save
+from .variants import variant_for
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _ModelRecord:
+    """What lorakit remembers about a model: adapter configs (in attach order) and the active set."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    hook: Any = None  # forward hook on the input embeddings (gradient checkpointing support)
+
+
+def _record(model: nn.Module) -> _ModelRecord:
+    record = model.__dict__.get("_lorakit")
+    if record is None:
+        record = _ModelRecord()
+        model.__dict__["_lorakit"] = record
+    return record
+
+
+def lora_layers(model: nn.Module) -> Iterator[LoraLayer]:
+    """Every LoraLayer in the model."""
+    return (m for m in model.modules() if isinstance(m, LoraLayer))
+
+
+def saved_modules(model: nn.Module) -> Iterator[SavedModule]:
+    """Every modules_to_save wrapper in the model."""
+    return (m for m in model.modules() if isinstance(m, SavedModule))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters attached to `model`, in attach order."""
+    return list(_record(model).configs)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters applied in forward."""
+    return list(_record(model).active)
+
+
+def get_config(model: nn.Module, name: str = "default") -> LoraConfig:
+    """The LoraConfig of adapter `name`."""
+    _require(model, [name])
+    return _record(model).configs[name]
+
+
+def _require(model: nn.Module, names: list[str]) -> None:
+    known = _record(model).configs
+    for name in names:
+        if name not in known:
+            raise AdapterNameError(
+                f"no adapter named {name!r} on this model; attached: {', '.join(known) or '(none)'}"
+            )
+
+
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Attach a LoRA adapter named `name` to the modules `config` targets, in place; return `model`.
+
+    Afterwards only adapter parameters (plus `modules_to_save` copies and the biases `config.bias` asks
+    for) are trainable, and `name` is the active adapter. Works with transformers' gradient checkpointing
+    with no extra call.
+
+    Raises:
+        AdapterNameError: `name` is taken. ConfigError: `name` is not a valid name.
+        TargetError: no module matched (the message lists the closest names), or an unsupported type.
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"attach() takes a lorakit.LoraConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not name or "." in name or name == "__base__":
+        raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in _record(model).configs:
+        raise AdapterNameError(f"an adapter named {name!r} is already attached; delete_adapter() it first")
+    return attach_at(model, config, name, find_targets(model, config))
+
+
+def attach_at(model: nn.Module, config: LoraConfig, name: str, paths: list[str]) -> nn.Module:
+    """attach() on an explicit list of module paths (used when loading a file: its keys name them)."""
+    record = _record(model)
+    fresh_model = not record.configs
+    adapter_cls = variant_for(config)
+    for path in paths:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            module = LoraLayer(module, check_supported(module, path), path)
+            _replace_module(model, path, module)
+        base = module.base_layer
+        dtype = base.weight.dtype if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
+        adapter = adapter_cls(
+            module.kind, base, config.rank_for(path), config.scaling_for(path), config.dropout, config.init, dtype
+        )
+        adapter.train(model.training)
+        module.adapters[name] = adapter
+    if config.modules_to_save:
+        for path, module in list(iter_candidate_modules(model)):
+            if matches_modules_to_save(config.modules_to_save, path):
+                if not isinstance(module, SavedModule):
+                    module = SavedModule(module, path)
+                    _replace_module(model, path, module)
+                module.add_copy(name).train(model.training)
+    if config.fan_in_fan_out is False and any(
+        model.get_submodule(p).kind.fan_in_fan_out for p in paths
+    ):
+        config = config.replace(fan_in_fan_out=True)
+    record.configs[name] = config
+    _set_trainable(model, name, fresh_model)
+    _install_checkpointing_hook(model)
+    set_active(model, [name])
+    return model
+
+
+def _set_trainable(model: nn.Module, name: str, freeze_base: bool) -> None:
+    """Freeze the base (on first attach), make adapter `name` trainable, and the biases its config asks for."""
+    config = _record(model).configs[name]
+    if freeze_base:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    for layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.adapters[name].requires_grad_(True)
+            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+    for saved in saved_modules(model):
+        if name in saved.copies:
+            saved.copies[name].requires_grad_(True)
+    if config.bias == "all":
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias") and ".adapters." not in param_name:
+                param.requires_grad_(True)
+
+
+def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
+    """Make adapter `name`'s parameters (and its modules_to_save copies) trainable or frozen."""
+    _require(model, [name])
+    for layer in lora_layers(model):
+        if name in layer.adapters:
+            layer.adapters[name].requires_grad_(trainable)
+    for saved in saved_modules(model):
+        if name in saved.copies:
+            saved.copies[name].requires_grad_(trainable)
+
+
+def _install_checkpointing_hook(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad while gradient checkpointing is on, so that
+    reentrant checkpointing of the first block still sees an input that requires grad."""
+    record = _record(model)
+    getter = getattr(model, "get_input_embeddings", None)
+    if record.hook is not None or not callable(getter):
+        return
+    try:
+        embeddings = getter()
+    except (NotImplementedError, AttributeError):
+        return
+    if embeddings is None:
+        return
+    model_ref = weakref.ref(model)
+
+    def make_output_require_grad(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        root = model_ref()
+        if (root is not None and torch.is_tensor(output) and not output.requires_grad
+                and torch.is_grad_enabled() and _checkpointing_on(root)):
+            output.requires_grad_(True)
+
+    record.hook = embeddings.register_forward_hook(make_output_require_grad)
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    """Whether transformers' activation (gradient) checkpointing is enabled on `model`."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # newer name first
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
+
+
+def set_active(model: nn.Module, names: str | list[str]) -> None:
+    """Apply these adapters in forward (several are summed).
+
+    Raises:
+        AdapterNameError: a name that is not attached.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    _require(model, names)
+    _record(model).active = names
+    for layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.adapters]
+    for saved in saved_modules(model):
+        saved.active = next((n for n in names if n in saved.copies), None)
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes as the base model (merged adapters are taken out, then put back)."""
+    layers = list(lora_layers(model))
+    saved = list(saved_modules(model))
+    remerge = {layer: list(layer.merged) for layer in layers if layer.merged}
+    for layer in remerge:
+        layer.unmerge()
+    for module in layers + saved:
+        module.disabled = True
+    try:
+        yield model
+    finally:
+        for module in layers + saved:
+            module.disabled = False
+        for layer, names in remerge.items():
+            layer.merge(names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` (unmerging it first if merged); a layer left with no adapter is unwrapped."""
+    _require(model, [name])
+    record = _record(model)
+    for layer in list(lora_layers(model)):
+        if name not in layer.adapters:
+            continue
+        if name in layer.merged:
+            keep = [n for n in layer.merged if n != name]
+            layer.unmerge()
+            layer.merge(keep)
+        del layer.adapters[name]
+        layer.active = [n for n in layer.active if n != name]
+        if len(layer.adapters) == 0:
+            _replace_module(model, layer.path, layer.base_layer)
+    for saved in list(saved_modules(model)):
+        if name in saved.copies:
+            del saved.copies[name]
+            if saved.active == name:
+                saved.active = None
+            if len(saved.copies) == 0:
+                _replace_module(model, saved.path, saved.original_module)
+    del record.configs[name]
+    record.active = [n for n in record.active if n != name]
+    if not record.configs:
+        _forget(model)
+
+
+def _forget(model: nn.Module) -> None:
+    record = model.__dict__.pop("_lorakit", None)
+    if record is not None and record.hook is not None:
+        record.hook.remove()
+
+
+def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
+    """Add the adapters' s · B A into the base weights (fp32 math, cast to the weight dtype).
+
+    Args:
+        names: adapters to merge; default the active ones.
+        safe: check every delta for NaN/inf first and merge nothing if one has any.
+
+    Raises:
+        MergeError: in safe mode, a delta with NaN or inf (the message names the module and adapter).
+    """
+    names = active_adapters(model) if names is None else list(names)
+    _require(model, names)
+    layers = list(lora_layers(model))
+    if safe:
+        for layer in layers:
+            layer.check_finite([n for n in names if n in layer.adapters and n not in layer.merged])
+    for layer in layers:
+        layer.merge(names)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter out of the base weights again."""
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Merge the active adapters and return the model with its original module types (no lorakit left).
+
+    modules_to_save are replaced by the active adapter's trained copy.
+    """
+    if any(layer.disabled for layer in lora_layers(model)):
+        raise MergeError("merge_and_unload() inside a disabled() block: leave the block first")
+    merge(model, safe=safe)
+    for layer in list(lora_layers(model)):
+        _replace_module(model, layer.path, layer.base_layer)
+    for saved in list(saved_modules(model)):
+        _replace_module(model, saved.path, saved.current())
+    _forget(model)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total

@@ -1,0 +1,138 @@
+"""The LoRA update as pure functions (Hu et al. 2021, arXiv 2106.09685).
+
+    x ──► W0 ──────────────────► (+) ──► h        h = W0 x + s · B A dropout(x)
+     └──► dropout ─► A (r×k) ─► B (d×r) ─► ·s ┘  s = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+`lora_linear_add` adds the adapter branch into the base layer's output in place. Its backward keeps only
+a reference to x, a 1-byte dropout mask and h = A x (r values per token): never a copy of dropout(x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = alpha / r (LoRA, section 4.1), or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def init_lora_A(weight: torch.Tensor, init: str, r: int, generator: torch.Generator | None = None) -> None:
+    """Initialise A in place: Kaiming-uniform with a = sqrt(5) (PEFT's and nn.Linear's default), or N(0, 1/r).
+
+    Raises:
+        ValueError: an unknown `init`.
+    """
+    with torch.no_grad():
+        if init == "gaussian":
+            weight.normal_(0.0, 1.0 / r, generator=generator)
+        elif init in ("kaiming", "random"):
+            fan_in = weight[0].numel()  # A is (r, k, *kernel): fan-in per output row
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) reduces to U(-1/sqrt(k), 1/sqrt(k))
+            weight.uniform_(-bound, bound, generator=generator)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+
+
+def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """ΔW = s · B A in fp32, shaped (d, k, *kernel): A (r, k, *kernel), B (d, r, 1...)."""
+    a2 = lora_A.float().flatten(1)  # (r, k·kernel)
+    b2 = lora_B.float().flatten(1)  # (d, r)
+    return (b2 @ a2).mul_(scale).view(lora_B.shape[0], *lora_A.shape[1:])
+
+
+class _LoraLinearAdd(torch.autograd.Function):
+    """out += c · (x ⊙ mask) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), mask (bool), h."""
+
+    @staticmethod
+    def forward(ctx, out, x, lora_A, lora_B, scale, dropout_p, compute_dtype):  # noqa: ANN001
+        k, d = x.shape[-1], out.shape[-1]
+        x2 = x.reshape(-1, k)  # (N, k), N = batch · tokens
+        mask = None
+        coeff = scale
+        if dropout_p > 0.0:
+            mask = torch.rand(x2.shape, device=x.device) >= dropout_p  # (N, k) bool: 1 byte per element
+            coeff = scale / (1.0 - dropout_p)
+            xin = (x2 * mask).to(compute_dtype)
+        else:
+            xin = x2.to(compute_dtype)
+        a = lora_A.to(compute_dtype)
+        b = lora_B.to(compute_dtype)
+        h = xin @ a.t()  # (N, r)
+        out2 = out.view(-1, d)  # (N, d), the base output's storage
+        if out.dtype == compute_dtype:
+            out2.addmm_(h, b.t(), alpha=coeff)
+        else:
+            out2.add_(h @ b.t(), alpha=coeff)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, mask, h, lora_A, lora_B)
+        ctx.coeff = coeff
+        ctx.compute_dtype = compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        x, mask, h, lora_A, lora_B = ctx.saved_tensors
+        cdt, coeff = ctx.compute_dtype, ctx.coeff
+        k, d = x.shape[-1], grad_out.shape[-1]
+        g = grad_out.reshape(-1, d).to(cdt)  # (N, d)
+        b = lora_B.to(cdt)
+        a = lora_A.to(cdt)
+        grad_x = grad_A = grad_B = None
+        gh = (g @ b).mul_(coeff)  # (N, r): gradient w.r.t. h
+        if ctx.needs_input_grad[3]:
+            grad_B = (g.t() @ h).mul_(coeff).to(lora_B.dtype)  # (d, r)
+        if ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, k)
+            xin = x2 * mask if mask is not None else x2
+            grad_A = (gh.t() @ xin.to(cdt)).to(lora_A.dtype)  # (r, k)
+        if ctx.needs_input_grad[1]:
+            gx = gh @ a  # (N, k)
+            if mask is not None:
+                gx.mul_(mask)
+            grad_x = gx.to(x.dtype).view(x.shape)
+        return grad_out, grad_x, grad_A, grad_B, None, None, None
+
+
+def lora_linear_add(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Add s · B A dropout(x) to `out` (the base layer's output for x) in place and return it.
+
+    Args:
+        out: (..., d) output of the frozen base layer; overwritten.
+        x: (..., k) the layer's input.
+        lora_A: (r, k). lora_B: (d, r).
+        scale: s. dropout_p: dropout on x in [0, 1); pass 0 outside training.
+
+    The adapter math runs in the adapter's dtype (fp32 by default) or, under autocast, in the autocast
+    dtype; the result is added in `out`'s dtype, so the output dtype is the input's.
+    """
+    if not out.is_contiguous():
+        out = out.contiguous()
+    compute_dtype = lora_A.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        compute_dtype = torch.get_autocast_dtype(x.device.type)
+    needs_grad = torch.is_grad_enabled() and (
+        out.requires_grad or x.requires_grad or lora_A.requires_grad or lora_B.requires_grad
+    )
+    if needs_grad or dropout_p > 0.0:
+        with torch.autocast(x.device.type, enabled=False):
+            return _LoraLinearAdd.apply(out, x, lora_A, lora_B, scale, dropout_p, compute_dtype)
+    # inference: one small matmul and one fused multiply-add into the base output
+    k, d = x.shape[-1], out.shape[-1]
+    h = x.reshape(-1, k).to(compute_dtype) @ lora_A.to(compute_dtype).t()  # (N, r)
+    b = lora_B.to(compute_dtype)
+    out2 = out.view(-1, d)
+    if out.dtype == compute_dtype:
+        out2.addmm_(h, b.t(), alpha=scale)
+    else:
+        out2.add_(h @ b.t(), alpha=scale)
+    return out

@@ -1,0 +1,63 @@
+"""Plain LoRA (Hu et al. 2021, arXiv 2106.09685): the adapter holds A (r, k) and B (d, r); B starts at zero.
+
+    out = base(x) + s · B A dropout(x),    ΔW = s · B A  (merged into W0 by `merge`)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layer_kinds import LayerKind
+from ..ops.lora import init_lora_A, lora_delta_weight
+
+
+class LoraAdapter(nn.Module):
+    """One LoRA adapter on one layer: parameters `lora_A`, `lora_B`; scale s and dropout p."""
+
+    def __init__(
+        self,
+        kind: LayerKind,
+        base_layer: nn.Module,
+        r: int,
+        scale: float,
+        dropout: float,
+        init: str,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        shape_a, shape_b = kind.shapes(base_layer, r)
+        device = base_layer.weight.device
+        self.kind = kind
+        self.r = r
+        self.scale = scale
+        self.dropout = dropout if kind.uses_dropout else 0.0
+        self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(shape_b, dtype=dtype, device=device))
+        if kind.name == "embedding":  # PEFT: embedding A starts at zero, B random (normal), same zero delta
+            nn.init.normal_(self.lora_B)
+            with torch.no_grad():
+                self.lora_A.zero_()
+        else:
+            init_lora_A(self.lora_A, init, r)
+        if init == "random":  # B random too: a non-zero start, for tests of the math
+            with torch.no_grad():
+                init_lora_A(self.lora_A, "kaiming", r)
+                self.lora_B.normal_(0.0, 0.02)
+
+    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + s · B A dropout(x); dropout only in training mode."""
+        p = self.dropout if self.training else 0.0
+        return self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """s · B A in fp32, in the layout of `base_layer.weight`."""
+        return self.kind.to_weight_layout(lora_delta_weight(self.lora_A, self.lora_B, self.scale))
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This adapter's tensors under PEFT's key suffixes."""
+        key_a, key_b = self.kind.peft_keys
+        return {key_a: self.lora_A, key_b: self.lora_B}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
