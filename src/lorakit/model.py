@@ -153,7 +153,9 @@ def _set_trainable(model: nn.Module, name: str, freeze_base: bool) -> None:
             saved.copies[name].requires_grad_(True)
     if config.bias == "all":
         for param_name, param in model.named_parameters():
-            if param_name.endswith("bias") and ".adapters." not in param_name:
+            if param_name.endswith("bias") and not any(
+                w in param_name for w in (".adapters.", ".copies.", ".original_module.")
+            ):
                 param.requires_grad_(True)
 
 

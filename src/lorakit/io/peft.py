@@ -32,6 +32,10 @@ from .files import (
 )
 
 PREFIX = "base_model.model."
+# parameters inside these belong to an adapter or a modules_to_save wrapper, not to the base model
+_WRAPPER_INFIXES = (".adapters.", ".copies.", ".original_module.")
+# keys PEFT writes that lorakit does not need: the frozen original / PEFT's in-memory copy names
+_IGNORED_INFIXES = (".modules_to_save.", ".original_module.")
 
 
 def adapter_dir(path: str | Path, name: str) -> Path:
@@ -61,12 +65,12 @@ def _bias_state(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]
         return {}
     state: dict[str, torch.Tensor] = {}
     for pname, param in model.named_parameters():
-        if not pname.endswith("bias") or ".adapters." in pname or ".copies." in pname:
+        if not pname.endswith("bias") or any(w in pname for w in _WRAPPER_INFIXES):
             continue
         owner_path = pname.rsplit(".", 1)[0]
         if config.bias == "lora_only" and not owner_path.endswith(".base_layer"):
             continue
-        state[PREFIX + pname.replace(".original_module.", ".")] = param
+        state[PREFIX + pname] = param
     return state
 
 
@@ -167,6 +171,10 @@ def load_adapter(
 def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], where: Path) -> None:
     """Copy file tensors into the adapter's parameters, checking every key and shape."""
     targets = adapter_state(model, name)
+    for layer in M.lora_layers(model):  # PEFT also saves a targeted embedding's full base weight
+        if name in layer.adapters and f"{PREFIX}{layer.path}.base_layer.weight" in tensors:
+            targets[f"{PREFIX}{layer.path}.base_layer.weight"] = layer.base_layer.weight
+    tensors = {k: v for k, v in tensors.items() if not any(w in k for w in _IGNORED_INFIXES)}
     unexpected = [k for k in tensors if k not in targets]
     if unexpected:
         raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")
