@@ -147,4 +147,9 @@ def check_supported(module: nn.Module, path: str) -> LayerKind:
         )
     if kind is CONV and getattr(module, "groups", 1) != 1:
         raise TargetError(f"module {path!r}: grouped convolution (groups={module.groups}) is not supported")
+    if kind is CONV and getattr(module, "padding_mode", "zeros") != "zeros":
+        raise TargetError(  # refused here, at attach, rather than by the first forward (_conv_add)
+            f"module {path!r}: convolution with padding_mode={module.padding_mode!r} is not supported "
+            f"(expected 'zeros')"
+        )
     return kind

@@ -53,7 +53,7 @@ class _LoraLinearAdd(torch.autograd.Function):
         mask = None
         coeff = scale
         if dropout_p > 0.0:
-            mask = torch.rand(x2.shape, device=x.device) >= dropout_p  # (N, k) bool: 1 byte per element
+            mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)  # (N, k), 1 B/elem
             coeff = scale / (1.0 - dropout_p)
             xin = (x2 * mask).to(compute_dtype)
         else:
