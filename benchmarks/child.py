@@ -54,6 +54,17 @@ def reset_peak() -> bool:
         return False
 
 
+def _cpu_busy_s() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, CPU seconds used by this process) so far."""
+    import psutil
+
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    busy += getattr(t, "steal", 0.0)
+    own = psutil.Process().cpu_times()
+    return busy, own.user + own.system
+
+
 def _setup_torch(threads: int) -> Any:
     import torch
 
@@ -76,11 +87,17 @@ def _measure_steps(
     for i in range(max(warmup, 1 if first else 0)):
         (first if (i == 0 and first is not None) else step)()
     times: list[float] = []
+    busy0, own0 = _cpu_busy_s()
+    wall0 = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - wall0
+    busy1, own1 = _cpu_busy_s()
     peak = maxrss_mb()
+    # Share of the machine's CPU capacity used by *other* processes (and hypervisor steal) while timing.
+    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
     return {
         "times_s": times,
         "baseline_rss_mb": baseline,
@@ -88,6 +105,8 @@ def _measure_steps(
         "peak_rss_mb": peak,
         "peak_growth_mb": peak - baseline,
         "hwm_reset": reset_ok,
+        "foreign_cpu_share": foreign,
+        "own_cpu_s_per_step": (own1 - own0) / max(steps, 1),
     }
 
 
@@ -143,15 +162,19 @@ def run_infer(args: dict[str, Any]) -> dict[str, Any]:
 def run_io(args: dict[str, Any]) -> dict[str, Any]:
     torch = _setup_torch(args["threads"])
     name, hidden, reps = args["contestant"], args["hidden"], args["reps"]
+    warm = int(args.get("warmup", 1))  # untimed first repetitions: one-off lazy initialisation
     merge_s: list[float] = []
     save_s: list[float] = []
     load_s: list[float] = []
     size_total = size_weights = 0
     probe = models.make_inputs(1, 16)
-    max_merge_diff = 0.0
+    max_merge_diff = max_roundtrip_diff = 0.0
     b_changed = 0
+    busy0, own0 = _cpu_busy_s()
+    wall0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
-        for rep in range(reps):
+        for rep in range(warm + reps):
+            timed = rep >= warm
             model = models.build_contestant(name, hidden, 0.0)
             b_changed = _randomize_lora_b(model)
             model.eval()
@@ -160,7 +183,8 @@ def run_io(args: dict[str, Any]) -> dict[str, Any]:
             gc.collect()
             t0 = time.perf_counter()
             merged = models.merge(name, model)
-            merge_s.append(time.perf_counter() - t0)
+            if timed:
+                merge_s.append(time.perf_counter() - t0)
             with torch.inference_mode():
                 after = merged(input_ids=probe).logits
             max_merge_diff = max(max_merge_diff, float((after - before).abs().max()))
@@ -168,11 +192,15 @@ def run_io(args: dict[str, Any]) -> dict[str, Any]:
 
             model = models.build_contestant(name, hidden, 0.0)
             _randomize_lora_b(model)
+            model.eval()
+            with torch.inference_mode():
+                saved_logits = model(input_ids=probe).logits
             out_dir = os.path.join(tmp, f"{name}-{rep}")
             gc.collect()
             t0 = time.perf_counter()
             models.save(name, model, out_dir)
-            save_s.append(time.perf_counter() - t0)
+            if timed:
+                save_s.append(time.perf_counter() - t0)
             size_total = models.dir_size_bytes(out_dir)
             size_weights = models.weight_file_bytes(out_dir)
             del model
@@ -181,15 +209,25 @@ def run_io(args: dict[str, Any]) -> dict[str, Any]:
             gc.collect()
             t0 = time.perf_counter()
             loaded = models.load(name, base, out_dir)
-            load_s.append(time.perf_counter() - t0)
-            del loaded, base
+            if timed:
+                load_s.append(time.perf_counter() - t0)
+            loaded.eval()
+            with torch.inference_mode():
+                diff = float((loaded(input_ids=probe).logits - saved_logits).abs().max())
+            max_roundtrip_diff = max(max_roundtrip_diff, diff)
+            del loaded, base, saved_logits
+    wall = time.perf_counter() - wall0
+    busy1, own1 = _cpu_busy_s()
+    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
     return {
+        "foreign_cpu_share": foreign,
         "merge_s": merge_s,
         "save_s": save_s,
         "load_s": load_s,
         "adapter_bytes": size_total,
         "adapter_weight_bytes": size_weights,
         "merge_max_abs_diff": max_merge_diff,
+        "roundtrip_max_abs_diff": max_roundtrip_diff,
         "lora_b_tensors_randomized": b_changed,
         "threads": torch.get_num_threads(),
     }

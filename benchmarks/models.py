@@ -141,19 +141,13 @@ def count_trainable(model: torch.nn.Module) -> int:
 
 
 def merge(name: str, model: torch.nn.Module) -> torch.nn.Module:
-    """Fold the adapter into the base weights and remove the LoRA modules."""
+    """Fold the adapter into the base weights and remove the LoRA modules; returns the plain model."""
     if name == "peft":
         return model.merge_and_unload()  # type: ignore[operator]
     ensure_lorakit_importable()
     import lorakit
 
-    fn = getattr(lorakit, "merge_and_unload", None) or getattr(lorakit, "merge", None)
-    if fn is None:
-        raise AttributeError("lorakit has neither merge_and_unload nor merge")
-    out = fn(model)
-    import torch
-
-    return out if isinstance(out, torch.nn.Module) else model
+    return lorakit.merge_and_unload(model)
 
 
 def save(name: str, model: torch.nn.Module, directory: str) -> None:
@@ -175,10 +169,7 @@ def load(name: str, base: torch.nn.Module, directory: str) -> torch.nn.Module:
     ensure_lorakit_importable()
     import lorakit
 
-    out = lorakit.load_adapter(base, directory)
-    import torch
-
-    return out if isinstance(out, torch.nn.Module) else base
+    return lorakit.load_adapter(base, directory)
 
 
 def dir_size_bytes(directory: str) -> int:

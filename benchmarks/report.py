@@ -1,168 +1,43 @@
-"""Markdown report for the lorakit benchmarks: machine/versions header, one table per benchmark,
-PASS/FAIL goals, sanity checks and the measurement method.
+"""Markdown report for the lorakit benchmarks: header (machine, versions, date, machine quietness),
+one table per benchmark with PASS/FAIL goals next to it, sanity warnings, errors, and the method.
 
-Statistics: every time is the MEDIAN of all timed samples pooled over rounds (n is printed), with
+Statistics: every time is the MEDIAN of all timed samples pooled over rounds (n is printed), with the
 IQR (25th-75th percentile) and min-max as spread; memory is the median over the rounds' children.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import statistics
-import subprocess
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+import tables as t
+
 NAMES = {"floor": "FLOOR", "lorakit": "lorakit", "peft": "PEFT", "base": "base"}
-TRAIN_GOALS = {1024: (1.05, 1.10), 512: (1.10, 1.15)}  # hidden -> (p=0, p=0.1) max lorakit/floor
+TRAIN_GOALS = {1024: (1.05, 1.10), 512: (1.10, 1.15)}  # hidden -> max lorakit/FLOOR at (p=0, p>0)
 INFER_GOAL = 1.08
+BUSY_WARN = 0.10  # warn when other processes used more than this share of the CPUs while timing
 
 METHOD = (
-    "**Method.** Each configuration (benchmark x contestant x size x dropout) runs in a fresh Python "
-    "subprocess, so no allocator state, caches or monkey-patching leak between contestants. Repetitions are "
-    "organised in rounds: each round runs one child per contestant and the order is rotated every round, so "
-    "drifts in machine load are shared. In a child, the model is built (fixed seed, fp32, "
-    "`torch.set_num_threads({threads})`), inputs are created, then the baseline RSS is read (psutil). The "
+    "Each configuration (benchmark x contestant x size x dropout) runs in a fresh Python subprocess, so no "
+    "allocator state, caches or monkey-patching leak between contestants. Repetitions are organised in "
+    "rounds: each round runs one child per contestant, and the order is rotated every round so that drifts "
+    "in machine load are shared. In a child the model is built (fixed seed, fp32, "
+    "`torch.set_num_threads({threads})`), the inputs are created, and the baseline RSS is read (psutil). The "
     "kernel's RSS high-water mark is then reset (`echo 5 > /proc/self/clear_refs`), {warmup} warm-up steps "
     "and the timed steps run (each timed with `time.perf_counter`), and the peak is read from "
-    "`getrusage(RUSAGE_SELF).ru_maxrss`. *Peak memory* = peak RSS - baseline RSS, i.e. the extra resident "
-    "memory a step needs on top of the weights (activations saved for backward, gradients, temporaries, "
-    "allocator slack). `ru_maxrss` is a high-water mark, so memory that glibc keeps instead of returning to "
-    "the OS does not hide the peak; it can only over-state it through fragmentation or cached free chunks, "
-    "which affects all contestants alike because each starts from a fresh process. Without the reset, "
-    "`ru_maxrss` would also include transient peaks of model construction; the reset makes the window start "
-    "exactly at the baseline (the header says whether the reset was available). Warm-up steps are inside "
-    "the memory window (the first step makes one-off allocations every real training run also makes) but "
-    "not in the timings. FLOOR has no dropout, so one FLOOR measurement per hidden size serves both dropout rows."
+    "`getrusage(RUSAGE_SELF).ru_maxrss`. *Peak memory* = peak RSS - baseline RSS: the extra resident memory "
+    "a step needs on top of the weights (activations saved for backward, gradients, temporaries, allocator "
+    "slack). `ru_maxrss` is a high-water mark, so memory that glibc keeps instead of returning to the OS "
+    "cannot hide the peak; allocator caching and fragmentation can only over-state it, equally for every "
+    "contestant since each starts from a fresh process. Without the reset, `ru_maxrss` would include "
+    "transient peaks of model construction; with it the window starts at the baseline. Warm-up steps are "
+    "inside the memory window (the first step's one-off allocations happen in every real run) but not in "
+    "the timings. FLOOR has no dropout, so one FLOOR measurement per hidden size serves both dropout rows. "
+    "'Other processes' is the share of all CPUs used by other processes (and hypervisor steal) during the "
+    "timed steps, from /proc/stat minus the child's own CPU time (column 'other CPU': the maximum over a "
+    "row's children); above {busy:.0%} the timings are suspect: with 2 OpenMP threads on 2 cores, one busy "
+    "core can make a step many times slower. `--wait-quiet S` makes the orchestrator wait up to S seconds "
+    "before each child until the machine is idle."
 )
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    vals = sorted(values)
-    if not vals:
-        return {}
-    q1, q3 = (
-        (statistics.quantiles(vals, n=4, method="inclusive")[i] for i in (0, 2))
-        if len(vals) > 1
-        else (vals[0], vals[0])
-    )
-    return {
-        "median": statistics.median(vals),
-        "min": vals[0],
-        "max": vals[-1],
-        "q1": q1,
-        "q3": q3,
-        "n": len(vals),
-    }
-
-
-def _git(*args: str) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def collect_meta(threads: int, elapsed_s: float, quick: bool) -> dict[str, Any]:
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--", "src"))
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:
-        physical = None
-    return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "physical_cores": physical,
-        "threads": threads,
-        "load_avg_end": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": _version("torch"),
-        "transformers": _version("transformers"),
-        "peft": _version("peft"),
-        "lorakit_commit": commit + (" (+ uncommitted changes in src/)" if dirty else ""),
-        "lorakit_subject": _git("log", "-1", "--format=%s"),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "duration_s": round(elapsed_s),
-        "quick": quick,
-    }
-
-
-# ----------------------------------------------------------------------------- formatting helpers
-
-
-def _ms(x: float) -> str:
-    return f"{x * 1e3:.0f}" if x * 1e3 >= 100 else f"{x * 1e3:.1f}"
-
-
-def _time_cells(st: dict[str, float]) -> list[str]:
-    if not st:
-        return ["error", "", "", ""]
-    return [
-        _ms(st["median"]),
-        f"{_ms(st['q1'])}-{_ms(st['q3'])}",
-        f"{_ms(st['min'])}-{_ms(st['max'])}",
-        str(st["n"]),
-    ]
-
-
-def _ratio(a: dict[str, float], b: dict[str, float]) -> float | None:
-    return a["median"] / b["median"] if a and b and b["median"] > 0 else None
-
-
-def _x(r: float | None) -> str:
-    return "n/a" if r is None else f"{r:.3f}x"
-
-
-def _pf(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "**FAIL**")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out
-
-
-def _ok(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in runs if r.get("ok")]
-
-
-def _pooled(runs: list[dict[str, Any]], key: str) -> dict[str, float]:
-    return stats([t for r in _ok(runs) for t in r.get(key, [])])
-
-
-def _mem(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
-    vals = [r["peak_growth_mb"] for r in _ok(runs)]
-    if not vals:
-        return "error", None
-    st = stats(vals)
-    cell = f"{st['median']:.0f}" + (f" ({st['min']:.0f}-{st['max']:.0f})" if len(vals) > 1 else "")
-    return cell, st["median"]
 
 
 # ----------------------------------------------------------------------------- benchmark sections
@@ -173,115 +48,87 @@ def _train_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
     lines = [
         "## train_step",
         "",
-        f"Forward + loss + backward + `zero_grad(set_to_none=True)`, `model.train()`, batch {s['train_batch']} x "
-        f"{s['train_seq']} tokens, {s['rounds']} round(s) x {s['train_steps']} timed steps after {s['warmup']} "
-        "warm-up steps. Times in ms per step (median, IQR, min-max over n samples); memory = peak RSS growth in "
-        "MiB (median over rounds, min-max).",
+        f"Forward + loss + backward + `zero_grad(set_to_none=True)` in `model.train()`, batch "
+        f"{s['train_batch']} x {s['train_seq']} tokens; {s['rounds']} round(s) x {s['train_steps']} timed "
+        f"steps per child after {s['warmup']} warm-up steps. Times in ms per step (median, IQR, min-max over "
+        "n samples); peak mem = peak RSS growth in MiB (median over rounds, min-max).",
         "",
     ]
-    header = [
-        "H",
-        "dropout",
-        "contestant",
-        "median ms",
-        "IQR ms",
-        "min-max ms",
-        "n",
-        "x FLOOR",
-        "x PEFT",
-        "peak mem MiB",
-        "trainable params",
-    ]
+    header = ["H", "dropout", "contestant", "median ms", "IQR ms", "min-max ms", "n", "x FLOOR", "x PEFT"]
+    header += ["peak mem MiB", "trainable params", "other CPU"]
     rows: list[list[str]] = []
     goals: list[list[str]] = []
     for hidden in s["train_hiddens"]:
         floor_runs = res.get(f"H{hidden}/floor", [])
-        floor = _pooled(floor_runs, "times_s")
-        floor_mem, _ = _mem(floor_runs)
-        tgt = TRAIN_GOALS.get(hidden) or TRAIN_GOALS[1024 if hidden >= 1024 else 512]
+        floor = t.pooled(floor_runs, "times_s")
+        lim0, lim1 = TRAIN_GOALS.get(hidden) or TRAIN_GOALS[1024 if hidden >= 1024 else 512]
         for i, p in enumerate(s["train_dropouts"]):
-            lk_runs, pf_runs = res.get(f"H{hidden}/p{p}/lorakit", []), res.get(f"H{hidden}/p{p}/peft", [])
-            lk, pf = _pooled(lk_runs, "times_s"), _pooled(pf_runs, "times_s")
-            lk_mem, lk_mem_v = _mem(lk_runs)
-            pf_mem, pf_mem_v = _mem(pf_runs)
+            lk_runs = res.get(f"H{hidden}/p{p}/lorakit", [])
+            pf_runs = res.get(f"H{hidden}/p{p}/peft", [])
+            lk, pf = t.pooled(lk_runs, "times_s"), t.pooled(pf_runs, "times_s")
             if floor_runs:
-                rows.append(
-                    [
-                        str(hidden),
-                        f"{p:g}",
-                        "FLOOR" + (" (shared)" if i else ""),
-                        *_time_cells(floor),
-                        "1.000x",
-                        _x(_ratio(floor, pf)),
-                        floor_mem,
-                        "0",
-                    ]
-                )
-            for name, st, runs, mem in (("lorakit", lk, lk_runs, lk_mem), ("PEFT", pf, pf_runs, pf_mem)):
-                if not runs:
-                    continue
-                trainable = next((str(r["trainable_params"]) for r in _ok(runs)), "error")
+                name = "FLOOR" + (" (shared)" if i else "")
                 rows.append(
                     [
                         str(hidden),
                         f"{p:g}",
                         name,
-                        *_time_cells(st),
-                        _x(_ratio(st, floor)),
-                        _x(_ratio(st, pf)),
-                        mem,
-                        trainable,
+                        *t.time_cells(floor, floor_runs),
+                        "1.000x",
+                        t.x(t.ratio(floor, pf)),
+                        t.mem(floor_runs)[0],
+                        "0",
+                        t.busy(floor_runs),
                     ]
                 )
-            limit = tgt[0] if p == 0 else tgt[1]
-            r_floor, r_peft = _ratio(lk, floor), _ratio(lk, pf)
-            goals.append(
-                [
-                    f"H={hidden} p={p:g}: lorakit / FLOOR step time",
-                    _x(r_floor),
-                    f"<= {limit:.2f}x",
-                    _pf(None if r_floor is None else r_floor <= limit),
-                ]
-            )
-            goals.append(
-                [
-                    f"H={hidden} p={p:g}: lorakit / PEFT step time",
-                    _x(r_peft),
-                    "<= 1.00x",
-                    _pf(None if r_peft is None else r_peft <= 1.0),
-                ]
-            )
+            for name, st, runs in (("lorakit", lk, lk_runs), ("PEFT", pf, pf_runs)):
+                if runs:
+                    trainable = next((str(r["trainable_params"]) for r in t.ok(runs)), "error")
+                    rows.append(
+                        [
+                            str(hidden),
+                            f"{p:g}",
+                            name,
+                            *t.time_cells(st, runs),
+                            t.x(t.ratio(st, floor)),
+                            t.x(t.ratio(st, pf)),
+                            t.mem(runs)[0],
+                            trainable,
+                            t.busy(runs),
+                        ]
+                    )
+            tag = f"H={hidden} p={p:g}: lorakit"
+            goals.append(t.goal(f"{tag} / FLOOR step time", t.ratio(lk, floor), lim0 if p == 0 else lim1))
+            goals.append(t.goal(f"{tag} / PEFT step time", t.ratio(lk, pf), 1.0))
             if p > 0:
-                ok = None if lk_mem_v is None or pf_mem_v is None else lk_mem_v < pf_mem_v
+                (lk_cell, lk_mem), (pf_cell, pf_mem) = t.mem(lk_runs), t.mem(pf_runs)
+                ok = None if lk_mem is None or pf_mem is None else lk_mem < pf_mem
                 goals.append(
-                    [
-                        f"H={hidden} p={p:g}: lorakit peak mem < PEFT",
-                        f"{lk_mem} vs {pf_mem} MiB",
-                        "lorakit < PEFT",
-                        _pf(ok),
-                    ]
+                    [f"{tag} peak mem < PEFT", f"{lk_cell} vs {pf_cell} MiB", "lorakit < PEFT", t.pf(ok)]
                 )
-            _train_sanity(hidden, p, floor_runs, lk_runs, pf_runs, notes)
-    lines += _table(header, rows) + ["", "Goals:", ""]
-    lines += _table(["goal", "measured", "target", "result"], goals)
-    return lines
+            _train_sanity(f"train_step H={hidden} p={p:g}", p, floor_runs, lk_runs, pf_runs, notes)
+    return (
+        lines
+        + t.table(header, rows)
+        + ["", "Goals:", ""]
+        + t.table(["goal", "measured", "target", "result"], goals)
+    )
 
 
 def _train_sanity(
-    hidden: int, p: float, floor_runs: list[Any], lk_runs: list[Any], pf_runs: list[Any], notes: list[str]
+    tag: str, p: float, floor_runs: list[Any], lk_runs: list[Any], pf_runs: list[Any], notes: list[str]
 ) -> None:
-    tag = f"train_step H={hidden} p={p:g}"
-    lk, pf, fl = _ok(lk_runs), _ok(pf_runs), _ok(floor_runs)
+    lk, pf, fl = t.ok(lk_runs), t.ok(pf_runs), t.ok(floor_runs)
     if lk and pf and lk[0]["trainable_params"] != pf[0]["trainable_params"]:
         notes.append(
-            f"{tag}: lorakit trains {lk[0]['trainable_params']} params, PEFT "
-            f"{pf[0]['trainable_params']} (different target modules or rank?)"
+            f"{tag}: lorakit trains {lk[0]['trainable_params']} parameters, PEFT "
+            f"{pf[0]['trainable_params']} (different targets or rank?)"
         )
     for name, runs in (("lorakit", lk), ("PEFT", pf)):
         for r in runs[:1]:
             if r.get("tensors_with_grad") != r.get("trainable_tensors"):
                 notes.append(
-                    f"{tag}: {name}: {r.get('tensors_with_grad')} of {r.get('trainable_tensors')} "
+                    f"{tag}: {name}: only {r.get('tensors_with_grad')} of {r.get('trainable_tensors')} "
                     "trainable tensors received a gradient"
                 )
     if p == 0 and fl:
@@ -289,8 +136,8 @@ def _train_sanity(
         for name, runs in (("lorakit", lk), ("PEFT", pf)):
             if runs and abs(runs[0]["first_loss"] - ref) > 1e-3:
                 notes.append(
-                    f"{tag}: {name} first-step loss {runs[0]['first_loss']:.5f} != FLOOR {ref:.5f} "
-                    "(adapter not a no-op at init?)"
+                    f"{tag}: {name} first-step loss {runs[0]['first_loss']:.5f} != FLOOR's {ref:.5f} "
+                    "(adapter not a no-op at initialisation?)"
                 )
 
 
@@ -299,41 +146,32 @@ def _infer_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
     lines = [
         "## inference",
         "",
-        f"Forward of the unmerged model, `model.eval()` + `torch.inference_mode()`, batch {s['infer_batch']} x "
-        f"{s['infer_seq']}, hidden {s['infer_hidden']}, {s['rounds']} round(s) x {s['infer_steps']} timed "
-        f"forwards after {s['warmup']} warm-up forwards. Times in ms per forward.",
+        f"Forward of the unmerged model, `model.eval()` under `torch.inference_mode()`, batch "
+        f"{s['infer_batch']} x {s['infer_seq']}, hidden {s['infer_hidden']}; {s['rounds']} round(s) x "
+        f"{s['infer_steps']} timed forwards per child after {s['warmup']} warm-up forwards. Times in ms per "
+        "forward; peak mem = peak RSS growth in MiB.",
         "",
     ]
-    st = {c: _pooled(res.get(c, []), "times_s") for c in ("base", "lorakit", "peft")}
+    st = {c: t.pooled(res.get(c, []), "times_s") for c in ("base", "lorakit", "peft")}
     rows = []
     for c in ("base", "lorakit", "peft"):
-        if c in res:
+        runs = res.get(c, [])
+        if runs:
             rows.append(
                 [
                     NAMES[c],
-                    *_time_cells(st[c]),
-                    _x(_ratio(st[c], st["base"])),
-                    _x(_ratio(st[c], st["peft"])),
-                    _mem(res[c])[0],
+                    *t.time_cells(st[c], runs),
+                    t.x(t.ratio(st[c], st["base"])),
+                    t.x(t.ratio(st[c], st["peft"])),
+                    t.mem(runs)[0],
+                    t.busy(runs),
                 ]
             )
-    lines += _table(
-        ["contestant", "median ms", "IQR ms", "min-max ms", "n", "x base", "x PEFT", "peak mem MiB"], rows
-    )
-    r = _ratio(st["lorakit"], st["base"])
-    lines += ["", "Goals:", ""]
-    lines += _table(
-        ["goal", "measured", "target", "result"],
-        [
-            [
-                "lorakit / base forward time",
-                _x(r),
-                f"<= {INFER_GOAL:.2f}x",
-                _pf(None if r is None else r <= INFER_GOAL),
-            ]
-        ],
-    )
-    return lines
+    header = ["contestant", "median ms", "IQR ms", "min-max ms", "n", "x base", "x PEFT", "peak mem MiB"]
+    header += ["other CPU"]
+    lines += t.table(header, rows) + ["", "Goals:", ""]
+    goal = t.goal("lorakit / base forward time", t.ratio(st["lorakit"], st["base"]), INFER_GOAL)
+    return lines + t.table(["goal", "measured", "target", "result"], [goal])
 
 
 def _io_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
@@ -341,18 +179,20 @@ def _io_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
     lines = [
         "## merge_save_load",
         "",
-        f"Hidden {s['io_hidden']}, {s['io_rounds']} round(s) x {s['io_reps']} repetitions per child. "
-        "`merge_and_unload` on a freshly adapted model (LoRA B set non-zero so the merge is real); save = "
+        f"Hidden {s['io_hidden']}; {s['io_rounds']} round(s) x {s['io_reps']} timed repetitions per child after "
+        f"{s.get('io_warmup', 0)} untimed warm-up repetition(s) (first calls pay one-off lazy initialisation). "
+        "merge = `lorakit.merge_and_unload(model)` / `peft_model.merge_and_unload()` on a freshly adapted model "
+        "(LoRA B set non-zero so the merge does real work; merged and unmerged logits are compared, and so are logits before save and after load); save = "
         "`lorakit.save_adapter` / `save_pretrained` into a new directory; load = `lorakit.load_adapter` / "
         "`PeftModel.from_pretrained` onto a freshly built base model (file in the OS page cache). Model "
-        "construction is never timed. Times in ms: median (min-max), n.",
+        "construction is never timed. Times in ms: median (min-max), n samples.",
         "",
     ]
-    rows = []
     per = {
-        c: {k: _pooled(res.get(c, []), k) for k in ("merge_s", "save_s", "load_s")}
+        c: {k: t.pooled(res.get(c, []), k) for k in ("merge_s", "save_s", "load_s")}
         for c in ("lorakit", "peft")
     }
+    rows = []
     for label, key in (
         ("merge_and_unload", "merge_s"),
         ("save adapter", "save_s"),
@@ -361,49 +201,52 @@ def _io_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
         cells = [label]
         for c in ("lorakit", "peft"):
             st = per[c][key]
+            missing = "error" if res.get(c) else "skipped"
             cells.append(
-                f"{_ms(st['median'])} ({_ms(st['min'])}-{_ms(st['max'])}), n={st['n']}" if st else "error"
+                f"{t.ms(st['median'])} ({t.ms(st['min'])}-{t.ms(st['max'])}), n={st['n']}" if st else missing
             )
-        cells.append(_x(_ratio(per["lorakit"][key], per["peft"][key])))
-        rows.append(cells)
+        rows.append(cells + [t.x(t.ratio(per["lorakit"][key], per["peft"][key]))])
     size = []
     for c in ("lorakit", "peft"):
-        ok = _ok(res.get(c, []))
+        ok = t.ok(res.get(c, []))
         size.append(
-            f"{ok[0]['adapter_weight_bytes'] / 1e6:.2f} MB ({ok[0]['adapter_bytes'] / 1e6:.2f} MB dir)"
+            f"{ok[0]['adapter_weight_bytes'] / 1e6:.2f} MB ({ok[0]['adapter_bytes'] / 1e6:.2f} MB with "
+            "config)"
             if ok
-            else "error"
+            else "n/a"
         )
         for r in ok[:1]:
             if r.get("lora_b_tensors_randomized", 0) == 0:
                 notes.append(
-                    f"merge_save_load: {NAMES[c]}: no parameter named like 'lora_B' found, merge check vacuous"
+                    f"merge_save_load: {NAMES[c]}: no parameter named like 'lora_B'; merge check vacuous"
+                )
+            if r.get("roundtrip_max_abs_diff", 0.0) > 1e-4:
+                notes.append(
+                    f"merge_save_load: {NAMES[c]}: save -> load round trip changes logits by up to "
+                    f"{r['roundtrip_max_abs_diff']:.2e}"
                 )
             if r.get("merge_max_abs_diff", 0.0) > 1e-3:
                 notes.append(
-                    f"merge_save_load: {NAMES[c]}: merged vs unmerged logits differ by "
+                    f"merge_save_load: {NAMES[c]}: merged vs unmerged logits differ by up to "
                     f"{r['merge_max_abs_diff']:.2e}"
                 )
-    rows.append(["adapter size (weights file)", *size, ""])
-    lines += _table(["operation", "lorakit", "PEFT", "lorakit / PEFT"], rows)
-    return lines
+    rows.append(["adapter size on disk (weights file)", *size, ""])
+    return lines + t.table(["operation", "lorakit", "PEFT", "lorakit / PEFT"], rows)
 
 
 SECTIONS = {"train_step": _train_section, "inference": _infer_section, "merge_save_load": _io_section}
 
 
+def _all_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{name}/{key}", r) for name, b in data.items() for key, rs in b["results"].items() for r in rs]
+
+
 def render(meta: dict[str, Any], data: dict[str, Any]) -> str:
-    threads_seen = sorted(
-        {r.get("threads") for b in data.values() for rs in b["results"].values() for r in rs if r.get("ok")}
-        - {None}
-    )
-    resets = {
-        r.get("hwm_reset")
-        for b in data.values()
-        for rs in b["results"].values()
-        for r in rs
-        if r.get("ok") and "hwm_reset" in r
-    }
+    """The whole RESULTS.md text."""
+    runs = [r for _, r in _all_runs(data) if r.get("ok")]
+    threads = sorted({int(r["threads"]) for r in runs if "threads" in r}) or [meta["threads"]]
+    resets = {r["hwm_reset"] for r in runs if "hwm_reset" in r}
+    busy = t.stats([r["foreign_cpu_share"] for r in runs if "foreign_cpu_share" in r])
     lines = ["# lorakit benchmarks", ""]
     if meta["quick"]:
         lines += [
@@ -411,44 +254,40 @@ def render(meta: dict[str, Any], data: dict[str, Any]) -> str:
             "indicative only.",
             "",
         ]
-    la = ", ".join(f"{x:.2f}" for x in meta["load_avg_end"])
+    if busy and busy["max"] > BUSY_WARN:
+        lines += [
+            f"> **Machine not quiet**: other processes used up to {busy['max']:.0%} of the CPUs while "
+            f"timing (median {busy['median']:.0%}); treat the timings as unreliable.",
+            "",
+        ]
+    la = " / ".join(", ".join(f"{x:.2f}" for x in meta[k]) for k in ("load_avg_start", "load_avg_end"))
+    busy_txt = f"median {busy['median']:.1%}, max {busy['max']:.1%}" if busy else "n/a"
     lines += [
-        f"- Machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs ({meta['physical_cores']} physical cores); "
-        f"torch threads used: {', '.join(map(str, threads_seen)) or meta['threads']}; load average at end: {la}",
+        f"- Machine: {meta['cpu']}, {meta['logical_cpus']} logical CPUs ({meta['physical_cores']} physical "
+        f"cores); torch threads used: {', '.join(map(str, threads))}; fp32",
+        f"- Load average at start / end: {la}; other processes' CPU share while timing: {busy_txt}",
         f"- Versions: Python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"peft {meta['peft']}, lorakit commit {meta['lorakit_commit']} ({meta['lorakit_subject']})",
-        f"- Date: {meta['date']}; duration {meta['duration_s']} s; dtype fp32; model: Llama-style, 4 layers, "
-        "heads H/64, intermediate ~2.75 H (multiple of 64), vocab 2048; LoRA r=16, alpha=32, all linear layers "
-        "except the LM head",
-        f"- RSS high-water-mark reset via /proc/self/clear_refs: {'yes' if resets == {True} else 'NO (peak includes model build)'}",
+        f"- Date: {meta['date']}; total duration {meta['duration_s']} s",
+        "- Model: `LlamaForCausalLM` from `LlamaConfig`, 4 layers, heads H/64, intermediate ~2.75 H (multiple "
+        "of 64), vocab 2048, SDPA attention, seed 0; LoRA r=16, alpha=32, all linear layers except the LM head",
+        f"- RSS high-water-mark reset available: {'yes' if resets == {True} else 'NO (peaks include model build)'}",
         "",
     ]
     notes: list[str] = []
     for name, bench in data.items():
         lines += SECTIONS[name](bench, notes) + [""]
-    errors = [
-        (f"{name}/{key}", r)
-        for name, b in data.items()
-        for key, rs in b["results"].items()
-        for r in rs
-        if not r.get("ok")
-    ]
     if notes:
         lines += ["## Sanity warnings", ""] + [f"- {n}" for n in notes] + [""]
+    errors: dict[str, tuple[list[str], str]] = {}
+    for key, r in _all_runs(data):
+        if not r.get("ok"):
+            msg = str(r.get("error"))
+            errors.setdefault(msg, ([], str(r.get("traceback") or "")))[0].append(key)
     if errors:
         lines += ["## Errors", ""]
-        for key, r in errors:
-            lines += [
-                f"- `{key}`: {r.get('error')}",
-                "",
-                "```",
-                (r.get("traceback") or "").strip()[-1500:],
-                "```",
-                "",
-            ]
-    lines += ["## Method", "", METHOD.format(threads=meta["threads"], warmup=_warmup(data)), ""]
-    return "\n".join(lines)
-
-
-def _warmup(data: dict[str, Any]) -> int:
-    return next((int(b["settings"]["warmup"]) for b in data.values()), 2)
+        for msg, (keys, tb) in errors.items():
+            lines += [f"- `{msg}` in: {', '.join(keys)}", "", "```", tb.strip()[-1500:], "```", ""]
+    warmup = next((int(b["settings"]["warmup"]) for b in data.values()), 2)
+    method = METHOD.format(threads=threads[0], warmup=warmup, busy=BUSY_WARN)
+    return "\n".join(lines + ["## Method", "", method, ""])

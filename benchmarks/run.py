@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import child
+import environment
 import report
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +52,7 @@ class Settings:
     train_dropouts: tuple[float, ...] = (0.0, 0.1)
     train_batch: int = 4
     train_seq: int = 256
-    train_steps: int = 4
+    train_steps: int = 6
     infer_hidden: int = 1024
     infer_batch: int = 32
     infer_seq: int = 128
@@ -59,7 +60,9 @@ class Settings:
     io_hidden: int = 1024
     io_rounds: int = 2
     io_reps: int = 3
+    io_warmup: int = 1
     child_timeout_s: float = 900.0
+    wait_quiet_s: float = 0.0
     quick: bool = False
     skip: tuple[str, ...] = field(default_factory=tuple)
 
@@ -67,7 +70,7 @@ class Settings:
 FULL = Settings()
 QUICK = Settings(
     rounds=1,
-    train_hiddens=(256, 512),
+    train_hiddens=(512,),
     train_seq=128,
     train_steps=2,
     infer_hidden=512,
@@ -111,6 +114,20 @@ def run_child(payload: dict[str, Any], timeout: float) -> dict[str, Any]:
     }
 
 
+def wait_until_quiet(limit_s: float, threshold: float = 0.10) -> float:
+    """Wait (at most ``limit_s``) until other processes use under ``threshold`` of the CPUs; returns the share."""
+    import psutil
+
+    deadline = time.monotonic() + limit_s
+    while True:
+        share = psutil.cpu_percent(interval=1.0) / 100.0  # this orchestrator is idle: all of it is others'
+        if share < threshold or time.monotonic() >= deadline:
+            if share >= threshold:
+                _log(f"  machine still busy ({share:.0%} CPU) after waiting {limit_s:.0f} s; going on")
+            return share
+        time.sleep(4.0)
+
+
 def rotated(items: list[Any], by: int) -> list[Any]:
     if not items:
         return items
@@ -126,6 +143,8 @@ def _execute(
     jobs: list[tuple[str, dict[str, Any]]], settings: Settings, results: dict[str, list[Any]]
 ) -> None:
     for key, payload in jobs:
+        if settings.wait_quiet_s > 0:
+            wait_until_quiet(settings.wait_quiet_s)
         t0 = time.perf_counter()
         res = run_child(payload, settings.child_timeout_s)
         results.setdefault(key, []).append(res)
@@ -171,7 +190,13 @@ def bench_infer(s: Settings) -> dict[str, Any]:
 def bench_io(s: Settings) -> dict[str, Any]:
     contestants = [c for c in ("lorakit", "peft") if c not in s.skip]
     results: dict[str, list[Any]] = {}
-    base = {"kind": "io", "threads": s.threads, "hidden": s.io_hidden, "reps": s.io_reps}
+    base = {
+        "kind": "io",
+        "threads": s.threads,
+        "hidden": s.io_hidden,
+        "reps": s.io_reps,
+        "warmup": s.io_warmup,
+    }
     for rnd in range(s.io_rounds):
         _log(f"[merge_save_load] round {rnd + 1}/{s.io_rounds}")
         jobs = [(c, {**base, "contestant": c}) for c in contestants]
@@ -199,13 +224,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("lorakit", "peft", "floor", "base"),
         help="leave out a contestant (repeatable), e.g. while lorakit does not exist yet",
     )
+    ap.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each child, wait up to S seconds until other processes use < 10%% of the CPUs",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def make_settings(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else FULL
-    overrides: dict[str, Any] = {"skip": tuple(args.skip)}
+    overrides: dict[str, Any] = {"skip": tuple(args.skip), "wait_quiet_s": args.wait_quiet}
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
         overrides["io_rounds"] = args.rounds
@@ -221,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = make_settings(args)
     names = args.only or list(BENCHMARKS)
     started = time.time()
+    load_start = os.getloadavg()
     data: dict[str, Any] = {}
     for name in names:
         data[name] = RUNNERS[name](settings)
     elapsed = time.time() - started
-    meta = report.collect_meta(settings.threads, elapsed, settings.quick)
+    meta = environment.collect_meta(settings.threads, elapsed, settings.quick, load_start)
     markdown = report.render(meta, data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown)
