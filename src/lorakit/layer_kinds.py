@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops.lora import lora_linear_add
+from .ops.lora import lora_linear, lora_linear_add
 
 try:  # GPT-2 style fused projections: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -37,10 +37,24 @@ class LayerKind:
     is_linear: bool = False  # counted by "all-linear"
     uses_dropout: bool = True
     fan_in_fan_out: bool = False
+    # the whole adapted layer in one op (base + one adapter), or None: see ops.lora.lora_linear
+    fused: Callable[[nn.Module, Tensor, Tensor, Tensor, float, float], Tensor | None] | None = None
 
 
 def _linear_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
     return lora_linear_add(out, x, a, b, s, p)
+
+
+def _linear_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+    if type(base) is not nn.Linear:  # a subclass may change forward: use it as it is
+        return None
+    return lora_linear(x, base.weight, base.bias, a, b, s, p, transposed=False)
+
+
+def _conv1d_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+    if type(base) is not HFConv1D:
+        return None
+    return lora_linear(x, base.weight, base.bias, a, b, s, p, transposed=True)
 
 
 def _embedding_add(base: nn.Module, ids: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
@@ -76,6 +90,7 @@ LINEAR = LayerKind(
     to_weight_layout=_identity,
     peft_keys=("lora_A.weight", "lora_B.weight"),
     is_linear=True,
+    fused=_linear_fused,
 )
 
 CONV1D_GPT2 = LayerKind(
@@ -87,6 +102,7 @@ CONV1D_GPT2 = LayerKind(
     peft_keys=("lora_A.weight", "lora_B.weight"),
     is_linear=True,
     fan_in_fan_out=True,
+    fused=_conv1d_fused,
 )
 
 EMBEDDING = LayerKind(

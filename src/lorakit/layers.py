@@ -48,12 +48,17 @@ class LoraLayer(_Wrapper):
         self.disabled = False
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.disabled:
-            return out
-        for name in self.active:
-            if name not in self.merged:
-                out = self.adapters[name].add_to_output(self.base_layer, x, out)
+            return self.base_layer(x, *args, **kwargs)
+        pending = [name for name in self.active if name not in self.merged]
+        base = self.base_layer
+        if len(pending) == 1 and not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
+            out = self.adapters[pending[0]].fused_forward(base, x)  # base + adapter in one op, where it applies
+            if out is not None:
+                return out
+        out = base(x, *args, **kwargs)
+        for name in pending:
+            out = self.adapters[name].add_to_output(base, x, out)
         return out
 
     # -- merging -----------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 from .lora import (
     init_lora_A,
     lora_delta_weight,
+    lora_linear,
     lora_linear_add,
     lora_scaling,
 )
 
-__all__ = ["init_lora_A", "lora_delta_weight", "lora_linear_add", "lora_scaling"]
+__all__ = ["lora_linear", "init_lora_A", "lora_delta_weight", "lora_linear_add", "lora_scaling"]

@@ -43,21 +43,27 @@ def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) 
     return (b2 @ a2).mul_(scale).view(lora_B.shape[0], *lora_A.shape[1:])
 
 
+def draw_drop_mask(x2: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Dropout's mask as bool, True where an element is dropped (1 byte per element); None for p = 0."""
+    if p <= 0.0:
+        return None
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(p)
+
+
+def _masked(x2: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+    """x with the dropped elements zeroed (a new tensor), or x itself (no copy) without dropout."""
+    return x2 if drop is None else x2.masked_fill(drop, 0.0)
+
+
 class _LoraLinearAdd(torch.autograd.Function):
-    """out += c · (x ⊙ mask) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), mask (bool), h."""
+    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the drop mask (bool), h."""
 
     @staticmethod
     def forward(ctx, out, x, lora_A, lora_B, scale, dropout_p, compute_dtype):  # noqa: ANN001
         k, d = x.shape[-1], out.shape[-1]
         x2 = x.reshape(-1, k)  # (N, k), N = batch · tokens
-        mask = None
-        coeff = scale
-        if dropout_p > 0.0:
-            mask = torch.empty(x2.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - dropout_p)  # (N, k), 1 B/elem
-            coeff = scale / (1.0 - dropout_p)
-            xin = (x2 * mask).to(compute_dtype)
-        else:
-            xin = x2.to(compute_dtype)
+        drop, coeff = draw_drop_mask(x2, dropout_p), scale / (1.0 - dropout_p)
+        xin = _masked(x2, drop).to(compute_dtype)
         a = lora_A.to(compute_dtype)
         b = lora_B.to(compute_dtype)
         h = xin @ a.t()  # (N, r)
@@ -67,14 +73,14 @@ class _LoraLinearAdd(torch.autograd.Function):
         else:
             out2.add_(h @ b.t(), alpha=coeff)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, mask, h, lora_A, lora_B)
+        ctx.save_for_backward(x, drop, h, lora_A, lora_B)
         ctx.coeff = coeff
         ctx.compute_dtype = compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, mask, h, lora_A, lora_B = ctx.saved_tensors
+        x, drop, h, lora_A, lora_B = ctx.saved_tensors
         cdt, coeff = ctx.compute_dtype, ctx.coeff
         k, d = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d).to(cdt)  # (N, d)
@@ -85,13 +91,11 @@ class _LoraLinearAdd(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_B = (g.t() @ h).mul_(coeff).to(lora_B.dtype)  # (d, r)
         if ctx.needs_input_grad[2]:
-            x2 = x.reshape(-1, k)
-            xin = x2 * mask if mask is not None else x2
-            grad_A = (gh.t() @ xin.to(cdt)).to(lora_A.dtype)  # (r, k)
+            grad_A = (gh.t() @ _masked(x.reshape(-1, k), drop).to(cdt)).to(lora_A.dtype)  # (r, k)
         if ctx.needs_input_grad[1]:
             gx = gh @ a  # (N, k)
-            if mask is not None:
-                gx.mul_(mask)
+            if drop is not None:
+                gx.masked_fill_(drop, 0.0)
             grad_x = gx.to(x.dtype).view(x.shape)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
@@ -136,3 +140,73 @@ def lora_linear_add(
     else:
         out2.add_(h @ b.t(), alpha=scale)
     return out
+
+
+class _LoraLinear(torch.autograd.Function):
+    """out = x W0ᵀ + b + c · (x ⊙ keep) Aᵀ Bᵀ for a frozen W0 (Linear: W0 is (d, k); GPT-2 Conv1D: W0 is (k, d)).
+
+    Owning the base GEMM lets backward accumulate the adapter's input gradient into g W0 in place
+    (one buffer, no separate N x k tensor for autograd to add).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, transposed):  # noqa: ANN001
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)  # (N, k)
+        w = weight if transposed else weight.t()  # (k, d) view, no copy
+        out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, d)
+        drop, coeff = draw_drop_mask(x2, dropout_p), scale / (1.0 - dropout_p)
+        h = _masked(x2, drop) @ lora_A.t()  # (N, r)
+        out.addmm_(h, lora_B.t(), alpha=coeff)
+        ctx.save_for_backward(x, weight, drop, h, lora_A, lora_B)
+        ctx.coeff, ctx.transposed, ctx.has_bias = coeff, transposed, bias is not None
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001
+        x, weight, drop, h, lora_A, lora_B = ctx.saved_tensors
+        coeff = ctx.coeff
+        k, d = x.shape[-1], grad_out.shape[-1]
+        g = grad_out.reshape(-1, d)  # (N, d)
+        gh = (g @ lora_B).mul_(coeff)  # (N, r)
+        grad_x = grad_w = grad_bias = grad_A = grad_B = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ (weight.t() if ctx.transposed else weight)  # (N, k): the base layer's input gradient
+            if drop is None:
+                gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
+            else:
+                gx.add_((gh @ lora_A).masked_fill_(drop, 0.0))
+            grad_x = gx.view(x.shape)
+        if ctx.needs_input_grad[1]:  # a trainable base weight (not LoRA's case, but keep autograd's contract)
+            gw = g.t() @ x.reshape(-1, k)  # (d, k)
+            grad_w = gw.t() if ctx.transposed else gw
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_A = gh.t() @ _masked(x.reshape(-1, k), drop)  # (r, k)
+        if ctx.needs_input_grad[4]:
+            grad_B = (g.t() @ h).mul_(coeff)  # (d, r)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    transposed: bool = False,
+) -> torch.Tensor | None:
+    """The whole adapted layer in one op: x W0ᵀ + b + s · B A dropout(x); `transposed` for (k, d) weights.
+
+    Returns None when the fused path does not apply (mixed dtypes, autocast, inference without dropout),
+    and the caller then uses the base layer followed by `lora_linear_add`.
+    """
+    dtypes = {x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1 or torch.is_autocast_enabled(x.device.type):
+        return None
+    if not torch.is_grad_enabled() and dropout_p == 0.0:
+        return None  # inference: the add path is already one small GEMM + one fused multiply-add
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, transposed)

@@ -50,6 +50,13 @@ class LoraAdapter(nn.Module):
         p = self.dropout if self.training else 0.0
         return self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
 
+    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """base(x) + this adapter in one op where the layer kind has one; None otherwise."""
+        if self.kind.fused is None:
+            return None
+        p = self.dropout if self.training else 0.0
+        return self.kind.fused(base_layer, x, self.lora_A, self.lora_B, self.scale, p)
+
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """s · B A in fp32, in the layout of `base_layer.weight`."""
         return self.kind.to_weight_layout(lora_delta_weight(self.lora_A, self.lora_B, self.scale))
