@@ -91,3 +91,20 @@ def gpt2() -> nn.Module:
 @pytest.fixture
 def bert() -> nn.Module:
     return tiny_bert()
+
+
+# -- tiny model directories for end-to-end (CLI / training) tests -------------------------------------------
+@pytest.fixture(scope="session")
+def causal_lm_dir(tmp_path_factory):
+    """A tiny Llama causal LM with a word-level tokenizer (chat template included), saved to disk."""
+    from model_dirs import make_causal_lm_dir
+
+    return make_causal_lm_dir(tmp_path_factory.mktemp("causal_lm"))
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    """A tiny BERT sequence classifier (2 labels) with the same tokenizer, saved to disk."""
+    from model_dirs import make_classifier_dir
+
+    return make_classifier_dir(tmp_path_factory.mktemp("classifier"))

@@ -35,3 +35,8 @@ class ShapeMismatchError(LorakitError, ValueError):
 
 class MergeError(LorakitError, ValueError):
     """Merging was refused (a delta with NaN or inf in safe mode, merging twice, ...)."""
+
+
+class DataError(LorakitError, ValueError):
+    """Unusable training data: a missing or unreadable file, a malformed line (named as file:line), a record
+    of no known format, mixed formats, an unknown role or label, or data that does not fit the task."""

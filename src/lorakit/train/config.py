@@ -1,0 +1,153 @@
+"""TrainConfig: every option of `lorakit train`, one typed dataclass.
+
+The command line, the YAML file (`--config run.yaml`) and the resolved config saved next to the adapter all
+come from these fields. Names follow transformers' TrainingArguments and PEFT where they have one
+(`learning_rate`, `per_device_train_batch_size`, `lora_alpha`, ...). Flags use dashes: `--max-steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+TASKS = ("auto", "causal-lm", "classification")
+METHODS = ("lora", "full")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """The resolved configuration of one training run."""
+
+    # what to train on
+    model: str | None = None  # model directory (Hugging Face format); none: the embedded MiniLM demo
+    data: str | None = None  # training data: .jsonl (or .csv for classification)
+    out: str = "runs/train"  # output directory: adapter, metrics, checkpoints, resolved config
+    task: str = "auto"  # auto | causal-lm | classification (auto: classification if records have "label")
+    eval_data: str | None = None  # validation file; otherwise eval_fraction of data is held out
+    eval_fraction: float = 0.0  # share of data held out for validation when eval_data is not given
+    max_length: int = 512  # longer examples are truncated (and counted in a warning)
+    packing: bool = False  # causal-lm: concatenate examples into max_length blocks
+    completion_only: bool = True  # causal-lm: loss only on completion / response / assistant tokens
+    # the adapter
+    method: str = "lora"  # lora | full (full fine-tuning, for comparison)
+    r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # scaling numerator, s = lora_alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapter input
+    target_modules: list[str] | str = "all-linear"  # names, a regex string, or all-linear
+    use_rslora: bool = False  # s = lora_alpha / sqrt(r)
+    init: str = "kaiming"  # initialisation of A: kaiming | gaussian
+    # optimisation
+    learning_rate: float = 2e-4  # peak learning rate of AdamW
+    weight_decay: float = 0.0  # AdamW weight decay
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant, after warm-up
+    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
+    warmup_steps: int = 0  # warm-up steps (overrides warmup_ratio when > 0)
+    per_device_train_batch_size: int = 8  # examples per micro-batch
+    per_device_eval_batch_size: int = 16  # examples per evaluation batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    epochs: float = 1.0  # passes over the data (PEFT/transformers: num_train_epochs)
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast, where the device supports it)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    seed: int = 42  # one seed for init, data order and dropout: two runs are identical
+    # logging, evaluation, checkpoints
+    logging_steps: int = 10  # log loss / lr / tokens per second every N steps
+    eval_steps: int = 0  # evaluate every N steps (0: at the end only)
+    save_steps: int = 0  # checkpoint every N steps (0: only the final adapter)
+    save_total_limit: int = 2  # keep the last K checkpoints
+    diagnostics_steps: int = 50  # adapter diagnostics every N steps (0: off)
+    resume: str | None = None  # checkpoint directory to continue from
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # progress bar on a terminal
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        for name, choices in (("task", TASKS), ("method", METHODS), ("lr_scheduler_type", SCHEDULES),
+                              ("mixed_precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        positive = ("r", "lora_alpha", "learning_rate", "max_length", "per_device_train_batch_size",
+                    "per_device_eval_batch_size", "gradient_accumulation_steps", "epochs", "save_total_limit")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        for name in ("eval_fraction", "lora_dropout", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
+        for name in ("logging_steps", "eval_steps", "save_steps", "diagnostics_steps", "warmup_steps",
+                     "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+
+    # -- files -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Defaults, then the YAML file, then the flags given on the command line.
+
+        Raises:
+            ConfigError: an unreadable YAML file, an unknown key (named, with the file), or an invalid value.
+        """
+        values: dict[str, Any] = {}
+        if yaml_path:
+            values.update(_read_yaml(yaml_path))
+        values.update(overrides)
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ConfigError(f"invalid training option: {err}") from err
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    aliases = {"num_train_epochs": "epochs"}
+    data = {aliases.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
+    return data
+
+
+def field_types() -> dict[str, Any]:
+    """Field name -> resolved type annotation (for building the command line)."""
+    return typing.get_type_hints(TrainConfig)
+
+
+def field_help() -> dict[str, str]:
+    """Field name -> the inline comment of the field, used as --help text."""
+    import inspect
+
+    helps: dict[str, str] = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            helps[name] = stripped.split("#", 1)[1].strip()
+    return helps
+
+
+__all__ = ["TrainConfig", "field", "field_help", "field_types"]

@@ -1,0 +1,284 @@
+"""The training loop of `lorakit train`: AdamW, warm-up + decay, gradient accumulation and clipping,
+autocast, gradient checkpointing, evaluation, diagnostics, checkpoints and exact resume.
+
+The data order is a function of (seed, epoch) and the position is the global step, so a resumed run draws
+the same batches, the same dropout masks (RNG states are restored) and reproduces the loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import model as M
+from ..config import LoraConfig
+from ..errors import LorakitError
+from ..io import save_adapter
+from . import checkpoint as ckpt
+from . import diagnostics as diag
+from .config import TrainConfig
+from .progress import Progress
+from .schedule import lr_factor
+
+HEAD_NAMES = ("classifier", "score")  # new classification heads: trained in full (modules_to_save), as PEFT does
+
+
+class TrainingError(LorakitError):
+    """The run cannot go on (a NaN or inf loss, an unsupported precision on this device)."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out_dir: Path
+    saved_dir: Path  # the adapter (lora) or the model (full)
+    steps: int
+    losses: list[float] = field(default_factory=list)  # training loss of every optimizer step
+    eval: dict[str, float] = field(default_factory=dict)  # final evaluation
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    task: str = "causal-lm"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16 where the device supports it; a clear error where it does not."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("mixed_precision=bf16: this GPU does not support bf16; use fp16")
+    if device.type == "cpu" and precision == "fp16":
+        raise TrainingError("mixed_precision=fp16 is not supported on the CPU; use bf16 or no")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
+    """LoRA on the configured targets (the classification head trained in full), or everything trainable."""
+    heads = [h for h in HEAD_NAMES if task == "classification" and hasattr(model, h)]
+    if cfg.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return
+    lora = LoraConfig(
+        r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora, init=cfg.init, modules_to_save=heads or None,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=cfg.model,
+    )
+    M.attach(model, lora)
+
+
+class Batches:
+    """Micro-batch `m` of the run: epoch m // per_epoch, drawn from a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Any) -> None:
+        self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, m: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=gen))
+        index = self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
+        return self.collate([self.examples[i] for i in index.tolist()])
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Any], collate: Any, cfg: TrainConfig, task: str,
+             device: torch.device) -> dict[str, float]:
+    """LM: token-weighted loss and perplexity. Classification: loss and accuracy."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    total_loss = weight = correct = 0.0
+    with autocast_context(cfg.mixed_precision, device):
+        for start in range(0, len(examples), cfg.per_device_eval_batch_size):
+            batch = _to(collate(examples[start:start + cfg.per_device_eval_batch_size]), device)
+            output = model(**batch)
+            if task == "classification":
+                n = batch["labels"].numel()
+                correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
+            else:
+                n = (batch["labels"][:, 1:] != -100).sum().item()  # tokens that carry loss
+            total_loss += output.loss.float().item() * n
+            weight += n
+    model.train(was_training)
+    loss = total_loss / max(weight, 1)
+    if task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(weight, 1)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
+          train_records: list[dict] | None = None, eval_records: list[dict] | None = None) -> TrainResult:
+    """Run one training job as `cfg` describes; model/tokenizer/records may be given instead of paths.
+
+    Raises:
+        LorakitError subclasses: bad data (file and line named), a model directory that cannot be loaded,
+        a --resume directory from another run, a NaN/inf loss (the last good checkpoint is kept).
+    """
+    from . import data as D
+
+    torch.manual_seed(cfg.seed)
+    import random
+
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_config.yaml").write_text(cfg.to_yaml())
+
+    if tokenizer is None or model is None:
+        if cfg.model is None:
+            raise LorakitError("no --model given (a model directory in Hugging Face format)")
+        tokenizer = _load_tokenizer(cfg.model)
+    datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
+    task = datasets.task
+    if model is None:
+        from ..hf import load_model_dir
+
+        model, _ = load_model_dir(cfg.model, task=task, num_labels=datasets.num_labels or None,
+                                  with_tokenizer=False)
+    if task == "classification":
+        model.config.label2id = dict(datasets.label2id)
+        model.config.id2label = datasets.id2label
+    model.to(device)
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    attach_for_training(model, cfg, task)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable, total = M.trainable_parameters(model)
+    for warning in datasets.warnings():
+        print(f"lorakit: warning: {warning}")
+
+    collate = datasets.collate
+    batches = Batches(datasets.train, cfg.per_device_train_batch_size, cfg.seed, collate)
+    steps_per_epoch = math.ceil(batches.per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.lr_scheduler_type, warmup, total_steps))
+
+    start_step, losses = 0, []
+    config_dict = cfg.to_dict()
+    if cfg.resume:
+        state = ckpt.read_state(Path(cfg.resume), config_dict)
+        ckpt.restore(Path(cfg.resume), model, cfg.method, optimizer, scheduler)
+        start_step, losses = state["global_step"], list(state.get("losses", []))
+
+    w0_norms = diag.weight_norms(model) if cfg.method == "lora" and cfg.diagnostics_steps else {}
+    progress = Progress(out_dir / "metrics.jsonl", total_steps, start_step, bar=cfg.progress)
+    progress.message(f"lorakit train: {task}, {len(datasets.train)} examples, {total_steps} steps, "
+                     f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
+                     f"device {device}")
+    model.train()
+    started = time.perf_counter()
+    window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+    last_checkpoint: Path | None = Path(cfg.resume) if cfg.resume else None
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            step_loss = 0.0
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = _to(batches((step - 1) * cfg.gradient_accumulation_steps + micro), device)
+                with autocast_context(cfg.mixed_precision, device):
+                    loss = model(**batch).loss / cfg.gradient_accumulation_steps
+                if not torch.isfinite(loss):
+                    where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+                    raise TrainingError(f"the loss became {loss.item()} at step {step}: training stopped{where}")
+                loss.backward()
+                step_loss += loss.item()
+                window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.diagnostics_steps and w0_norms and step % cfg.diagnostics_steps == 0:
+                layers = diag.layer_diagnostics(model, w0_norms)
+                progress.log({"step": step, "diagnostics": diag.summarise(layers), "layers": layers})
+                for warning in diag.check(layers):
+                    progress.message(f"lorakit: warning: step {step}: {warning}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            window_loss.append(step_loss)
+            if step % max(cfg.logging_steps, 1) == 0 or step == total_steps:
+                seconds = time.perf_counter() - window_start
+                mean = sum(window_loss) / len(window_loss)
+                lr = scheduler.get_last_lr()[0]
+                tps = window_tokens / seconds if seconds > 0 else 0.0
+                progress.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": tps,
+                              "epoch": step / steps_per_epoch})
+                progress.step(step, mean, lr, tps, force_line=True)
+                window_loss, window_tokens, window_start = [], 0, time.perf_counter()
+            else:
+                progress.step(step, step_loss, scheduler.get_last_lr()[0], 0.0, force_line=False)
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps and datasets.eval:
+                metrics = evaluate(model, datasets.eval, collate, cfg, task, device)
+                progress.log({"step": step, **metrics})
+                progress.message(f"eval at step {step}: " + _fmt(metrics))
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                state = {"config": config_dict, "losses": losses}
+                last_checkpoint = ckpt.save_checkpoint(out_dir, step, model, cfg.method, optimizer, scheduler,
+                                                       state, cfg.save_total_limit)
+        seconds = time.perf_counter() - started
+        final = evaluate(model, datasets.eval, collate, cfg, task, device) if datasets.eval else {}
+        if final:
+            progress.log({"step": total_steps, **final})
+            progress.message("final eval: " + _fmt(final))
+        saved = _save_final(model, tokenizer, cfg, out_dir)
+        progress.message(f"saved {'adapter' if cfg.method == 'lora' else 'model'} to {saved}")
+    finally:
+        progress.close()
+    return TrainResult(out_dir=out_dir, saved_dir=saved, steps=total_steps, losses=losses, eval=final,
+                       trainable=trainable, total=total, seconds=seconds, task=task)
+
+
+def _load_tokenizer(path: str) -> Any:
+    """The tokenizer of a local model directory (pad = eos when it has no pad token)."""
+    import transformers
+
+    from ..hf import ModelDirError, check_model_dir
+
+    directory = check_model_dir(path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
+        raise ModelDirError(f"model directory {directory}: the tokenizer could not be loaded: {err}") from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _save_final(model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Path) -> Path:
+    if cfg.method == "lora":
+        return save_adapter(model, out_dir / "adapter")
+    target = out_dir / "model"
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
