@@ -5,8 +5,10 @@ from .errors import (
     AdapterFileError,
     AdapterNameError,
     ConfigError,
+    DataError,
     LorakitError,
     MergeError,
+    ModelDirError,
     ShapeMismatchError,
     TargetError,
 )
@@ -29,7 +31,8 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "AdapterNameError", "ConfigError", "LoraConfig", "LorakitError", "MergeError",
+    "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
+    "ModelDirError",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
     "disabled", "get_config", "load_adapter", "merge", "merge_and_unload", "save_adapter", "set_active",
     "set_trainable", "trainable_parameters", "unmerge",

@@ -40,3 +40,7 @@ class MergeError(LorakitError, ValueError):
 class DataError(LorakitError, ValueError):
     """Unusable training data: a missing or unreadable file, a malformed line (named as file:line), a record
     of no known format, mixed formats, an unknown role or label, or data that does not fit the task."""
+
+
+class ModelDirError(LorakitError, OSError):
+    """A model directory that is missing, has no config.json or tokenizer, or cannot be loaded."""

@@ -1,30 +1,22 @@
-"""`lorakit <command>`: the command-line entry point."""
+"""`lorakit <command>`: the command-line entry point. Each command is a module of this package with a
+`register(subparsers)` function; bad input ends in a one-line error and exit status 2, no traceback."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ..errors import LorakitError
 
-
-def _quickstart(args: argparse.Namespace) -> int:
-    from ..quickstart import run
-
-    return 0 if run(out_dir=args.out, steps=args.steps, seed=args.seed)["ok"] else 1
+COMMANDS = ("train", "quickstart", "generate", "merge", "inspect")  # modules of lorakit.cli, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation for PyTorch models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    quick = commands.add_parser(
-        "quickstart", help="attach LoRA to a small Llama, train, save (PEFT format), reload, merge, check",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    quick.add_argument("--out", default="runs/quickstart", help="output directory")
-    quick.add_argument("--steps", type=int, default=300, help="training steps")
-    quick.add_argument("--seed", type=int, default=0, help="random seed")
-    quick.set_defaults(func=_quickstart)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").register(commands)
     return parser
 
 
@@ -35,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lorakit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

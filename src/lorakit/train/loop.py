@@ -152,7 +152,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if tokenizer is None or model is None:
         if cfg.model is None:
             raise LorakitError("no --model given (a model directory in Hugging Face format)")
-        tokenizer = _load_tokenizer(cfg.model)
+        from ..hf import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
     datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
     task = datasets.task
     if model is None:
@@ -253,22 +255,6 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         progress.close()
     return TrainResult(out_dir=out_dir, saved_dir=saved, steps=total_steps, losses=losses, eval=final,
                        trainable=trainable, total=total, seconds=seconds, task=task)
-
-
-def _load_tokenizer(path: str) -> Any:
-    """The tokenizer of a local model directory (pad = eos when it has no pad token)."""
-    import transformers
-
-    from ..hf import ModelDirError, check_model_dir
-
-    directory = check_model_dir(path)
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as err:  # noqa: BLE001 - one clear line instead of a traceback
-        raise ModelDirError(f"model directory {directory}: the tokenizer could not be loaded: {err}") from err
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _save_final(model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Path) -> Path:
