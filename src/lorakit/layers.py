@@ -31,6 +31,15 @@ class _Wrapper(nn.Module):
             return getattr(super().__getattr__(self._wrapped_attr), name)
 
 
+@torch.no_grad()
+def _add_into(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
+    """weight += sign · delta, the sum taken in fp32 (in place for an fp32 weight), cast to the weight's dtype."""
+    if weight.dtype == delta.dtype:
+        weight.add_(delta, alpha=sign)
+    else:
+        weight.copy_(weight.float().add_(delta, alpha=sign))
+
+
 class LoraLayer(_Wrapper):
     """A base layer plus any number of named adapters; active ones are summed into its output.
 
@@ -74,9 +83,7 @@ class LoraLayer(_Wrapper):
         for name in names:
             if name in self.merged or name not in self.adapters:
                 continue
-            delta = self.adapters[name].delta_weight(self.base_layer)
-            with torch.no_grad():
-                weight.copy_((weight.float() + delta).to(weight.dtype))
+            _add_into(weight, self.adapters[name].delta_weight(self.base_layer), 1.0)
             self.merged.append(name)
 
     def unmerge(self) -> None:
@@ -84,9 +91,7 @@ class LoraLayer(_Wrapper):
         weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
-            delta = self.adapters[name].delta_weight(self.base_layer)
-            with torch.no_grad():
-                weight.copy_((weight.float() - delta).to(weight.dtype))
+            _add_into(weight, self.adapters[name].delta_weight(self.base_layer), -1.0)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, active={self.active}, merged={self.merged}"
