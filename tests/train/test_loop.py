@@ -152,3 +152,39 @@ def test_cli_model_dir_without_config_is_a_clear_error(tmp_path, capsys):
                  str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "empty_model" in err and "Traceback" not in err
+
+
+def test_trained_adapter_loads_in_peft_and_transformers_with_the_same_outputs(tmp_path, causal_lm_dir):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    result = train(lm_config(tmp_path, causal_lm_dir, max_steps=8, lora_dropout=0.0))
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        ours = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(causal_lm_dir), result.saved_dir)
+        expected = ours(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
+        assert (base(ids).logits - expected).abs().max() > 1e-4  # the adapter changes the outputs
+        via_peft = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(causal_lm_dir),
+                                                  result.saved_dir)
+        assert (via_peft(ids).logits - expected).abs().max() <= 1e-5
+        via_transformers = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
+        via_transformers.load_adapter(str(result.saved_dir))
+        assert (via_transformers(ids).logits - expected).abs().max() <= 1e-5
+
+
+def test_cli_unknown_option_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-such-option", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_empty_data_file_is_a_clear_error(tmp_path, causal_lm_dir, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    code = main(["train", "--model", str(causal_lm_dir), "--data", str(tmp_path / "empty.jsonl"),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "empty.jsonl" in err and "no records" in err
