@@ -9,7 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.ops.lora import init_lora_A, lora_delta_weight, lora_linear_add, lora_scaling
+from lorakit.ops.lora import (
+    init_lora_A,
+    lora_delta_weight,
+    lora_linear_add,
+    lora_scaling,
+    realised_drop_probability,
+)
 
 SETTINGS = settings(max_examples=30, deadline=None)
 
@@ -186,6 +192,7 @@ def test_linear_add_dropout_uses_one_binary_mask(lead, r, k, d, s, seed, p) -> N
     gen = torch.Generator().manual_seed(seed)
     x, base = _rand((*lead, k), gen), _rand((*lead, d), gen)
     a, b = _rand((r, k), gen), _rand((d, r), gen)
+    p = realised_drop_probability(p)  # the CPU realises p to 1/65536 and rescales by exactly that
     coeff = s / (1.0 - p)
     # keep the mask identifiable from grad_x: every column of 1^T B A clearly non-zero
     per_column = b.sum(0) @ a

@@ -73,3 +73,27 @@ def test_layer_fused_and_unfused_paths_agree_in_values_and_grads(p):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_cpu_keep_mask_drops_at_rate_p_in_every_slot(p):
+    """The CPU mask carves four 16-bit uniforms out of each 64-bit draw: every slot must drop at rate p."""
+    from lorakit.ops.lora import draw_keep_mask, realised_drop_probability
+
+    torch.manual_seed(0)
+    x = torch.empty(512, 1000)
+    keep, keep_prob = draw_keep_mask(x, p)
+    assert keep.dtype == torch.bool and keep.shape == x.shape
+    assert keep_prob == pytest.approx(1 - realised_drop_probability(p)) and abs(keep_prob - (1 - p)) < 1e-4
+    dropped = (~keep).double().flatten()
+    for slot in range(4):  # the 4 int16 lanes of each int64 draw
+        rate = dropped[slot::4].mean().item()
+        sigma = (p * (1 - p) / dropped[slot::4].numel()) ** 0.5
+        assert abs(rate - p) < 5 * sigma, (slot, rate)
+    assert (~keep).any(dim=1).all()  # no structured all-kept rows
+
+
+def test_keep_mask_is_none_without_dropout():
+    from lorakit.ops.lora import draw_keep_mask
+
+    assert draw_keep_mask(torch.ones(3, 3), 0.0) == (None, 1.0)

@@ -43,27 +43,44 @@ def lora_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) 
     return (b2 @ a2).mul_(scale).view(lora_B.shape[0], *lora_A.shape[1:])
 
 
-def draw_drop_mask(x2: torch.Tensor, p: float) -> torch.Tensor | None:
-    """Dropout's mask as bool, True where an element is dropped (1 byte per element); None for p = 0."""
+def realised_drop_probability(p: float, device: torch.device | str = "cpu") -> float:
+    """The drop probability dropout actually uses on `device`: p rounded to 1/65536 on the CPU, else p."""
+    return round(p * 65536) / 65536 if torch.device(device).type == "cpu" else p
+
+
+def draw_keep_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
+    """Dropout's mask as bool (True = kept, 1 byte per element) and the exact keep probability; (None, 1) for p = 0.
+
+    On the CPU the mask comes from 16-bit uniforms carved out of full-range 64-bit draws (four elements per
+    draw, 4x cheaper than bernoulli_), so p is realised exactly to 1/65536 and the returned keep probability
+    is the realised one (the 1/keep rescaling stays unbiased). Elsewhere: bernoulli_.
+    """
     if p <= 0.0:
-        return None
-    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(p)
+        return None, 1.0
+    if x2.device.type == "cpu":
+        n = x2.numel()
+        level = round(p * 65536)  # P(keep) = level / 65536
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        keep = bits.view(torch.int16)[:n].view(x2.shape) >= level - 32768
+        return keep, 1.0 - level / 65536
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p), 1.0 - p
 
 
-def _masked(x2: torch.Tensor, drop: torch.Tensor | None) -> torch.Tensor:
+def _masked(x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """x with the dropped elements zeroed (a new tensor), or x itself (no copy) without dropout."""
-    return x2 if drop is None else x2.masked_fill(drop, 0.0)
+    return x2 if keep is None else x2 * keep
 
 
 class _LoraLinearAdd(torch.autograd.Function):
-    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the drop mask (bool), h."""
+    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the keep mask (bool), h."""
 
     @staticmethod
     def forward(ctx, out, x, lora_A, lora_B, scale, dropout_p, compute_dtype):  # noqa: ANN001
         k, d = x.shape[-1], out.shape[-1]
         x2 = x.reshape(-1, k)  # (N, k), N = batch · tokens
-        drop, coeff = draw_drop_mask(x2, dropout_p), scale / (1.0 - dropout_p)
-        xin = _masked(x2, drop).to(compute_dtype)
+        keep, keep_prob = draw_keep_mask(x2, dropout_p)
+        coeff = scale / keep_prob
+        xin = _masked(x2, keep).to(compute_dtype)
         a = lora_A.to(compute_dtype)
         b = lora_B.to(compute_dtype)
         h = xin @ a.t()  # (N, r)
@@ -73,14 +90,14 @@ class _LoraLinearAdd(torch.autograd.Function):
         else:
             out2.add_(h @ b.t(), alpha=coeff)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, drop, h, lora_A, lora_B)
+        ctx.save_for_backward(x, keep, h, lora_A, lora_B)
         ctx.coeff = coeff
         ctx.compute_dtype = compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, drop, h, lora_A, lora_B = ctx.saved_tensors
+        x, keep, h, lora_A, lora_B = ctx.saved_tensors
         cdt, coeff = ctx.compute_dtype, ctx.coeff
         k, d = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d).to(cdt)  # (N, d)
@@ -91,11 +108,11 @@ class _LoraLinearAdd(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_B = (g.t() @ h).mul_(coeff).to(lora_B.dtype)  # (d, r)
         if ctx.needs_input_grad[2]:
-            grad_A = (gh.t() @ _masked(x.reshape(-1, k), drop).to(cdt)).to(lora_A.dtype)  # (r, k)
+            grad_A = (gh.t() @ _masked(x.reshape(-1, k), keep).to(cdt)).to(lora_A.dtype)  # (r, k)
         if ctx.needs_input_grad[1]:
             gx = gh @ a  # (N, k)
-            if drop is not None:
-                gx.masked_fill_(drop, 0.0)
+            if keep is not None:
+                gx.mul_(keep)
             grad_x = gx.to(x.dtype).view(x.shape)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
@@ -155,16 +172,17 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, k)  # (N, k)
         w = weight if transposed else weight.t()  # (k, d) view, no copy
         out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, d)
-        drop, coeff = draw_drop_mask(x2, dropout_p), scale / (1.0 - dropout_p)
-        h = _masked(x2, drop) @ lora_A.t()  # (N, r)
+        keep, keep_prob = draw_keep_mask(x2, dropout_p)
+        coeff = scale / keep_prob
+        h = _masked(x2, keep) @ lora_A.t()  # (N, r)
         out.addmm_(h, lora_B.t(), alpha=coeff)
-        ctx.save_for_backward(x, weight, drop, h, lora_A, lora_B)
+        ctx.save_for_backward(x, weight, keep, h, lora_A, lora_B)
         ctx.coeff, ctx.transposed, ctx.has_bias = coeff, transposed, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, weight, drop, h, lora_A, lora_B = ctx.saved_tensors
+        x, weight, keep, h, lora_A, lora_B = ctx.saved_tensors
         coeff = ctx.coeff
         k, d = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d)  # (N, d)
@@ -172,10 +190,10 @@ class _LoraLinear(torch.autograd.Function):
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             gx = g @ (weight.t() if ctx.transposed else weight)  # (N, k): the base layer's input gradient
-            if drop is None:
+            if keep is None:
                 gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
             else:
-                gx.add_((gh @ lora_A).masked_fill_(drop, 0.0))
+                gx.add_((gh @ lora_A).mul_(keep))
             grad_x = gx.view(x.shape)
         if ctx.needs_input_grad[1]:  # a trainable base weight (not LoRA's case, but keep autograd's contract)
             gw = g.t() @ x.reshape(-1, k)  # (d, k)
@@ -183,7 +201,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_A = gh.t() @ _masked(x.reshape(-1, k), drop)  # (r, k)
+            grad_A = gh.t() @ _masked(x.reshape(-1, k), keep)  # (r, k)
         if ctx.needs_input_grad[4]:
             grad_B = (g.t() @ h).mul_(coeff)  # (d, r)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
