@@ -188,3 +188,19 @@ def test_empty_data_file_is_a_clear_error(tmp_path, causal_lm_dir, capsys):
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and "empty.jsonl" in err and "no records" in err
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_a_plain_model(tmp_path, classifier_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_jsonl(tmp_path / "cls.jsonl", CLS_RECORDS)
+    cfg = TrainConfig(model=str(classifier_dir), data=str(data), out=str(tmp_path / "run"), max_steps=4,
+                      method="full", learning_rate=1e-3, eval_fraction=0.25, progress=False)
+    result = train(cfg)
+    assert result.trainable == result.total
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result.saved_dir)
+    before = AutoModelForSequenceClassification.from_pretrained(classifier_dir)
+    changed = [n for (n, a), (_, b) in zip(reloaded.named_parameters(), before.named_parameters())
+               if not torch.equal(a, b)]
+    assert "bert.embeddings.word_embeddings.weight" in changed and len(changed) > 10
+    assert reloaded.config.id2label == {0: "negative", 1: "positive"}
