@@ -97,3 +97,18 @@ def test_keep_mask_is_none_without_dropout():
     from lorakit.ops.lora import draw_keep_mask
 
     assert draw_keep_mask(torch.ones(3, 3), 0.0) == (None, 1.0)
+
+
+@pytest.mark.parametrize("p", [1 / 65536, 0.05, 0.1, 0.5, 65535 / 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keep_mask_arithmetic_equals_the_threshold_test_for_every_int16_draw(p, dtype):
+    """keep_mask computes u >= level - 32768 with float arithmetic: check it on all 65536 possible draws."""
+    from lorakit.ops.lora import keep_mask, realised_drop_probability
+
+    draws = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    keep_prob = 1 - realised_drop_probability(p)
+    level = round((1 - keep_prob) * 65536)
+    mask = keep_mask(draws, keep_prob, dtype)
+    assert mask.dtype == dtype
+    torch.testing.assert_close(mask.float(), (draws.int() >= level - 32768).float(), rtol=0, atol=0)
+    assert mask.float().sum().item() == 65536 - level  # exactly P(keep) of the draws are kept

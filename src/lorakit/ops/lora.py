@@ -4,7 +4,8 @@
      └──► dropout ─► A (r×k) ─► B (d×r) ─► ·s ┘  s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
 `lora_linear_add` adds the adapter branch into the base layer's output in place. Its backward keeps only
-a reference to x, a 1-byte dropout mask and h = A x (r values per token): never a copy of dropout(x).
+a reference to x, dropout's random draw (2 bytes per element on the CPU, 1 elsewhere) and h = A x (r values
+per token): never a copy of dropout(x). `lora_linear` does the same for a whole frozen Linear layer.
 """
 
 from __future__ import annotations
@@ -48,56 +49,79 @@ def realised_drop_probability(p: float, device: torch.device | str = "cpu") -> f
     return round(p * 65536) / 65536 if torch.device(device).type == "cpu" else p
 
 
-def draw_keep_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
-    """Dropout's mask as bool (True = kept, 1 byte per element) and the exact keep probability; (None, 1) for p = 0.
+def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
+    """The random draw behind dropout's mask for x2, and the exact keep probability; (None, 1) for p = 0.
 
-    On the CPU the mask comes from 16-bit uniforms carved out of full-range 64-bit draws (four elements per
-    draw, 4x cheaper than bernoulli_), so p is realised exactly to 1/65536 and the returned keep probability
-    is the realised one (the 1/keep rescaling stays unbiased). Elsewhere: bernoulli_.
+    The draw is what backward saves (2 bytes per element on the CPU, 1 elsewhere); `keep_mask` turns it into
+    the 0/1 mask. On the CPU it is 16-bit uniforms carved out of full-range 64-bit draws (four elements per
+    draw, 4x cheaper than bernoulli_): p is realised exactly to 1/65536 and the returned keep probability is
+    the realised one, so the 1/keep rescaling stays unbiased. Elsewhere it is a bool mask from bernoulli_.
     """
     if p <= 0.0:
         return None, 1.0
     if x2.device.type == "cpu":
         n = x2.numel()
-        level = round(p * 65536)  # P(keep) = level / 65536
+        level = round(p * 65536)  # P(keep) = 1 - level / 65536
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
-        keep = bits.view(torch.int16)[:n].view(x2.shape) >= level - 32768
-        return keep, 1.0 - level / 65536
+        return bits.view(torch.int16)[:n].view(x2.shape), 1.0 - level / 65536
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p), 1.0 - p
 
 
-def _masked(x2: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """x with the dropped elements zeroed (a new tensor), or x itself (no copy) without dropout."""
-    return x2 if keep is None else x2 * keep
+def keep_mask(bits: torch.Tensor, keep_prob: float, dtype: torch.dtype) -> torch.Tensor:
+    """Dropout's keep mask (1 = kept, 0 = dropped) in `dtype`, a new tensor, from `draw_dropout_bits`'s draw.
+
+    CPU draws are uniform int16 values u; an element is kept iff u >= level - 32768, level = 65536 (1 - keep).
+    The test runs as arithmetic in fp32 (u + 32769 - level, clamped to [0, 1], is exactly 0 or 1): converting
+    int16 to float and clamping are vectorised, whereas comparisons into bool and bool-to-float casts are not.
+    """
+    if bits.dtype == torch.bool:
+        return bits.to(dtype)
+    level = round((1.0 - keep_prob) * 65536)
+    mask = bits.to(torch.float32).add_(32769 - level).clamp_(0.0, 1.0)
+    return mask if dtype == torch.float32 else mask.to(dtype)
+
+
+def draw_keep_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
+    """Dropout's keep mask for x2 as bool (True = kept) and the exact keep probability; (None, 1) for p = 0."""
+    bits, keep_prob = draw_dropout_bits(x2, p)
+    return (None if bits is None else keep_mask(bits, keep_prob, torch.uint8).bool()), keep_prob
+
+
+def _masked(x2: torch.Tensor, bits: torch.Tensor | None, keep_prob: float, dtype: torch.dtype) -> torch.Tensor:
+    """x ⊙ keep in `dtype` (a new tensor), or x itself cast to `dtype` (no copy if it has it) without dropout."""
+    if bits is None:
+        return x2.to(dtype)
+    return keep_mask(bits, keep_prob, dtype).mul_(x2)
 
 
 class _LoraLinearAdd(torch.autograd.Function):
-    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the keep mask (bool), h."""
+    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the dropout draw, h."""
 
     @staticmethod
     def forward(ctx, out, x, lora_A, lora_B, scale, dropout_p, compute_dtype):  # noqa: ANN001
         k, d = x.shape[-1], out.shape[-1]
         x2 = x.reshape(-1, k)  # (N, k), N = batch · tokens
-        keep, keep_prob = draw_keep_mask(x2, dropout_p)
+        bits, keep_prob = draw_dropout_bits(x2, dropout_p)
         coeff = scale / keep_prob
-        xin = _masked(x2, keep).to(compute_dtype)
+        xin = _masked(x2, bits, keep_prob, compute_dtype)
         a = lora_A.to(compute_dtype)
         b = lora_B.to(compute_dtype)
         h = xin @ a.t()  # (N, r)
+        del xin
         out2 = out.view(-1, d)  # (N, d), the base output's storage
         if out.dtype == compute_dtype:
             out2.addmm_(h, b.t(), alpha=coeff)
         else:
             out2.add_(h @ b.t(), alpha=coeff)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, keep, h, lora_A, lora_B)
-        ctx.coeff = coeff
+        ctx.save_for_backward(x, bits, h, lora_A, lora_B)
+        ctx.coeff, ctx.keep_prob = coeff, keep_prob
         ctx.compute_dtype = compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, keep, h, lora_A, lora_B = ctx.saved_tensors
+        x, bits, h, lora_A, lora_B = ctx.saved_tensors
         cdt, coeff = ctx.compute_dtype, ctx.coeff
         k, d = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d).to(cdt)  # (N, d)
@@ -105,15 +129,18 @@ class _LoraLinearAdd(torch.autograd.Function):
         a = lora_A.to(cdt)
         grad_x = grad_A = grad_B = None
         gh = (g @ b).mul_(coeff)  # (N, r): gradient w.r.t. h
+        mask = None if bits is None else keep_mask(bits, ctx.keep_prob, cdt)
         if ctx.needs_input_grad[3]:
             grad_B = (g.t() @ h).mul_(coeff).to(lora_B.dtype)  # (d, r)
-        if ctx.needs_input_grad[2]:
-            grad_A = (gh.t() @ _masked(x.reshape(-1, k), keep).to(cdt)).to(lora_A.dtype)  # (r, k)
         if ctx.needs_input_grad[1]:
             gx = gh @ a  # (N, k)
-            if keep is not None:
-                gx.mul_(keep)
+            if mask is not None:
+                gx.mul_(mask)
             grad_x = gx.to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[2]:
+            x2 = x.reshape(-1, k)
+            xin = x2.to(cdt) if mask is None else mask.mul_(x2)  # the mask is not needed after this
+            grad_A = (gh.t() @ xin).to(lora_A.dtype)  # (r, k)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 
@@ -172,28 +199,29 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, k)  # (N, k)
         w = weight if transposed else weight.t()  # (k, d) view, no copy
         out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, d)
-        keep, keep_prob = draw_keep_mask(x2, dropout_p)
+        bits, keep_prob = draw_dropout_bits(x2, dropout_p)
         coeff = scale / keep_prob
-        h = _masked(x2, keep) @ lora_A.t()  # (N, r)
+        h = _masked(x2, bits, keep_prob, x2.dtype) @ lora_A.t()  # (N, r)
         out.addmm_(h, lora_B.t(), alpha=coeff)
-        ctx.save_for_backward(x, weight, keep, h, lora_A, lora_B)
-        ctx.coeff, ctx.transposed, ctx.has_bias = coeff, transposed, bias is not None
+        ctx.save_for_backward(x, weight, bits, h, lora_A, lora_B)
+        ctx.coeff, ctx.keep_prob, ctx.transposed, ctx.has_bias = coeff, keep_prob, transposed, bias is not None
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, weight, keep, h, lora_A, lora_B = ctx.saved_tensors
+        x, weight, bits, h, lora_A, lora_B = ctx.saved_tensors
         coeff = ctx.coeff
         k, d = x.shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d)  # (N, d)
         gh = (g @ lora_B).mul_(coeff)  # (N, r)
+        mask = None if bits is None else keep_mask(bits, ctx.keep_prob, x.dtype)
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             gx = g @ (weight.t() if ctx.transposed else weight)  # (N, k): the base layer's input gradient
-            if keep is None:
+            if mask is None:
                 gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
             else:
-                gx.add_((gh @ lora_A).mul_(keep))
+                gx.addcmul_(gh @ lora_A, mask)
             grad_x = gx.view(x.shape)
         if ctx.needs_input_grad[1]:  # a trainable base weight (not LoRA's case, but keep autograd's contract)
             gw = g.t() @ x.reshape(-1, k)  # (d, k)
@@ -201,7 +229,8 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            grad_A = gh.t() @ _masked(x.reshape(-1, k), keep)  # (r, k)
+            x2 = x.reshape(-1, k)
+            grad_A = gh.t() @ (x2 if mask is None else mask.mul_(x2))  # (r, k); the mask is not needed after this
         if ctx.needs_input_grad[4]:
             grad_B = (g.t() @ h).mul_(coeff)  # (d, r)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
