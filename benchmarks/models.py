@@ -98,12 +98,18 @@ def make_floor(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def attach_lorakit(model: torch.nn.Module, dropout: float) -> torch.nn.Module:
-    """Attach lorakit LoRA (r=16, alpha=32, all linear layers except the LM head)."""
+# variant -> extra LoraConfig fields (lorakit) / peft.LoraConfig fields (PEFT); "" is plain LoRA
+LORAKIT_VARIANTS: dict[str, dict[str, Any]] = {"": {}, "dora": {"use_dora": True}, "fa": {"lora_fa": True}}
+PEFT_VARIANTS: dict[str, dict[str, Any]] = {"": {}, "dora": {"use_dora": True}}
+
+
+def attach_lorakit(model: torch.nn.Module, dropout: float, variant: str = "") -> torch.nn.Module:
+    """Attach lorakit LoRA (r=16, alpha=32, all linear layers except the LM head), or a variant of it."""
     ensure_lorakit_importable()
     import lorakit
 
-    cfg = lorakit.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", dropout=dropout)
+    extra = LORAKIT_VARIANTS[variant]
+    cfg = lorakit.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", dropout=dropout, **extra)
     returned = lorakit.attach(model, cfg)
     # attach() may work in place (returning None or a handle) or return the wrapped model.
     import torch
@@ -111,25 +117,30 @@ def attach_lorakit(model: torch.nn.Module, dropout: float) -> torch.nn.Module:
     return returned if isinstance(returned, torch.nn.Module) else model
 
 
-def attach_peft(model: torch.nn.Module, dropout: float) -> torch.nn.Module:
-    """Wrap with PEFT LoRA (r=16, lora_alpha=32, target_modules="all-linear")."""
+def attach_peft(model: torch.nn.Module, dropout: float, variant: str = "") -> torch.nn.Module:
+    """Wrap with PEFT LoRA (r=16, lora_alpha=32, target_modules="all-linear"), or a variant of it."""
     import peft
 
-    cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=dropout)
+    extra = PEFT_VARIANTS[variant]
+    cfg = peft.LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=dropout, **extra
+    )
     return peft.get_peft_model(model, cfg)
 
 
 def build_contestant(name: str, hidden: int, dropout: float, max_positions: int = 512) -> torch.nn.Module:
-    """Build ``name`` ('base', 'floor', 'lorakit' or 'peft') on a fresh base model."""
+    """Build ``name`` ('base', 'floor', 'lorakit', 'peft', or 'lorakit:<variant>' / 'peft:<variant>', e.g.
+    'peft:dora') on a fresh base model."""
     model = build_base(hidden, max_positions)
+    library, _, variant = name.partition(":")
     if name == "base":
         return model
     if name == "floor":
         return make_floor(model)
-    if name == "lorakit":
-        return attach_lorakit(model, dropout)
-    if name == "peft":
-        return attach_peft(model, dropout)
+    if library == "lorakit" and variant in LORAKIT_VARIANTS:
+        return attach_lorakit(model, dropout, variant)
+    if library == "peft" and variant in PEFT_VARIANTS:
+        return attach_peft(model, dropout, variant)
     raise ValueError(f"unknown contestant {name!r}")
 
 

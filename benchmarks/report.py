@@ -234,7 +234,65 @@ def _io_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
     return lines + t.table(["operation", "lorakit", "PEFT", "lorakit / PEFT"], rows)
 
 
-SECTIONS = {"train_step": _train_section, "inference": _infer_section, "merge_save_load": _io_section}
+DORA_GOALS = (1.12, 1.05)  # DoRA / lorakit LoRA: max step-time ratio, max peak-memory ratio
+VARIANT_NAMES = {
+    "lorakit": "lorakit LoRA",
+    "lorakit:dora": "lorakit DoRA",
+    "lorakit:fa": "lorakit LoRA-FA",
+    "peft": "PEFT LoRA",
+    "peft:dora": "PEFT DoRA",
+}
+
+
+def _variants_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
+    s, res = bench["settings"], bench["results"]
+    lines = [
+        "## variants (DoRA, LoRA-FA)",
+        "",
+        f"Training step as in train_step (dropout 0), batch {s['train_batch']} x {s['train_seq']} tokens; "
+        f"{s['variants_rounds']} round(s) x {s['variants_steps']} timed steps per child. Ratios are against "
+        "lorakit's own LoRA step in the same run; peak mem = peak RSS growth in MiB.",
+        "",
+    ]
+    header = ["H", "contestant", "median ms", "IQR ms", "min-max ms", "n", "x lorakit LoRA", "peak mem MiB"]
+    header += ["mem x lorakit LoRA", "trainable params", "other CPU"]
+    rows: list[list[str]] = []
+    goals: list[list[str]] = []
+    for hidden in s["variants_hiddens"]:
+        ref_runs = res.get(f"H{hidden}/lorakit", [])
+        ref, (_, ref_mem) = t.pooled(ref_runs, "times_s"), t.mem(ref_runs)
+        stats: dict[str, tuple[dict[str, float], float | None]] = {}
+        for c, label in VARIANT_NAMES.items():
+            runs = res.get(f"H{hidden}/{c}", [])
+            if not runs:
+                continue
+            st, (mem_cell, mem_val) = t.pooled(runs, "times_s"), t.mem(runs)
+            stats[c] = (st, mem_val)
+            mem_ratio = None if mem_val is None or not ref_mem else mem_val / ref_mem
+            trainable = next((str(r["trainable_params"]) for r in t.ok(runs)), "error")
+            rows.append([str(hidden), label, *t.time_cells(st, runs), t.x(t.ratio(st, ref)), mem_cell,
+                         t.x(mem_ratio), trainable, t.busy(runs)])
+        if "lorakit:dora" in stats:
+            st, mem_val = stats["lorakit:dora"]
+            goals.append(t.goal(f"H={hidden}: lorakit DoRA / lorakit LoRA step time", t.ratio(st, ref), DORA_GOALS[0]))
+            mem_ratio = None if mem_val is None or not ref_mem else mem_val / ref_mem
+            goals.append(t.goal(f"H={hidden}: lorakit DoRA / lorakit LoRA peak mem", mem_ratio, DORA_GOALS[1]))
+            if "peft:dora" in stats:
+                goals.append(t.goal(f"H={hidden}: lorakit DoRA / PEFT DoRA step time",
+                                    t.ratio(st, stats["peft:dora"][0]), 1.0))
+        if "lorakit:fa" in stats and stats["lorakit:fa"][1] is not None and ref_mem:
+            saved = ref_mem - stats["lorakit:fa"][1]
+            goals.append([f"H={hidden}: LoRA-FA activation memory saved vs LoRA", f"{saved:.0f} MiB",
+                          "> 0 MiB", t.pf(saved > 0)])
+    return lines + t.table(header, rows) + ["", "Goals:", ""] + t.table(["goal", "measured", "target", "result"], goals)
+
+
+SECTIONS = {
+    "train_step": _train_section,
+    "inference": _infer_section,
+    "merge_save_load": _io_section,
+    "variants": _variants_section,
+}
 
 
 def _all_runs(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -38,7 +38,9 @@ import environment
 import report
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS: tuple[str, ...] = ("train_step", "inference", "merge_save_load")
+BENCHMARKS: tuple[str, ...] = ("train_step", "inference", "merge_save_load", "variants")
+# the variants benchmark: lorakit's LoRA, DoRA, LoRA-FA beside PEFT's LoRA and DoRA (training step, dropout 0)
+VARIANT_CONTESTANTS: tuple[str, ...] = ("lorakit", "lorakit:dora", "lorakit:fa", "peft", "peft:dora")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class Settings:
     io_rounds: int = 2
     io_reps: int = 3
     io_warmup: int = 1
+    variants_hiddens: tuple[int, ...] = (1024, 2048)
+    variants_rounds: int = 2
+    variants_steps: int = 4
     child_timeout_s: float = 900.0
     wait_quiet_s: float = 0.0
     quick: bool = False
@@ -79,6 +84,9 @@ QUICK = Settings(
     io_hidden=512,
     io_rounds=1,
     io_reps=1,
+    variants_hiddens=(512,),
+    variants_rounds=1,
+    variants_steps=2,
     child_timeout_s=300.0,
     quick=True,
 )
@@ -204,7 +212,25 @@ def bench_io(s: Settings) -> dict[str, Any]:
     return {"settings": asdict(s), "results": results}
 
 
-RUNNERS = {"train_step": bench_train, "inference": bench_infer, "merge_save_load": bench_io}
+def bench_variants(s: Settings) -> dict[str, Any]:
+    contestants = [c for c in VARIANT_CONTESTANTS if c.partition(":")[0] not in s.skip]
+    results: dict[str, list[Any]] = {}
+    base = {"kind": "train", "threads": s.threads, "batch": s.train_batch, "seq": s.train_seq, "dropout": 0.0}
+    base.update(warmup=s.warmup, steps=s.variants_steps)
+    for rnd in range(s.variants_rounds):
+        _log(f"[variants] round {rnd + 1}/{s.variants_rounds}")
+        for hidden in s.variants_hiddens:
+            jobs = [(f"H{hidden}/{c}", {**base, "contestant": c, "hidden": hidden}) for c in contestants]
+            _execute(rotated(jobs, rnd), s, results)
+    return {"settings": asdict(s), "results": results}
+
+
+RUNNERS = {
+    "train_step": bench_train,
+    "inference": bench_infer,
+    "merge_save_load": bench_io,
+    "variants": bench_variants,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,8 +267,9 @@ def make_settings(args: argparse.Namespace) -> Settings:
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
         overrides["io_rounds"] = args.rounds
+        overrides["variants_rounds"] = args.rounds
     if args.steps is not None:
-        overrides.update(train_steps=args.steps, infer_steps=args.steps)
+        overrides.update(train_steps=args.steps, infer_steps=args.steps, variants_steps=args.steps)
     return Settings(**{**asdict(s), **overrides})
 
 

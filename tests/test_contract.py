@@ -52,7 +52,7 @@ if HFConv1D is not None:
 
 # The LoraConfig fields that select each variant. Adding a variant to VARIANTS without an entry here fails
 # `test_every_variant_has_a_config`.
-VARIANT_CONFIGS: dict[str, dict] = {"lora": {}}
+VARIANT_CONFIGS: dict[str, dict] = {"lora": {}, "dora": {"use_dora": True}}
 
 LAYER_TYPES = list(LAYER_KINDS)
 VARIANT_NAMES = list(VARIANTS)

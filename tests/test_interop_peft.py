@@ -223,6 +223,22 @@ CASES = {
         "default",
     ),
     "conv2d": ("conv", dict(r=4, alpha=8, target_modules=["conv1", "conv2", "head"]), "default"),
+    # DoRA (use_dora): the magnitude vector travels as `lora_magnitude_vector`
+    "llama_dora": ("llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), "default"),
+    "llama_dora_bias_rslora": (
+        "llama_bias",
+        dict(r=4, alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True, use_rslora=True),
+        "default",
+    ),
+    "llama_dora_embedding": ("llama", dict(r=4, alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True), "default"),
+    "gpt2_dora_conv1d": ("gpt2", dict(r=4, alpha=8, target_modules=["c_attn", "c_proj"], use_dora=True), "default"),
+    "bert_dora_modules_to_save": (
+        "bert",
+        dict(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"], use_dora=True,
+             task_type="SEQ_CLS"),
+        "default",
+    ),
+    "conv2d_dora": ("conv", dict(r=4, alpha=8, target_modules=["conv1", "conv2", "head"], use_dora=True), "default"),
 }
 CASE_IDS = list(CASES)
 

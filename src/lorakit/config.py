@@ -14,7 +14,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-INITS = ("kaiming", "gaussian", "random")  # B = 0 for kaiming/gaussian; "random": B random too (tests)
+INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n>" (randomised SVD, n iterations)
+# kaiming/gaussian: B = 0; "random": B random too (tests); pissa/olora: B, A from W0, the base keeps the residual
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 BIASES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "base")  # "base": the base weight's dtype
 
@@ -36,7 +38,9 @@ class LoraConfig:
     dropout: float = 0.0  # dropout on the adapter's input, in [0, 1) (PEFT: lora_dropout)
     bias: str = "none"  # which biases train: "none" | "all" | "lora_only"
     use_rslora: bool = False  # rank-stabilised scaling s = alpha / sqrt(r)
-    init: str = "kaiming"  # A's init: "kaiming" (PEFT default) | "gaussian" N(0, 1/r) | "random" (B too)
+    init: str = "kaiming"  # "kaiming" (PEFT default) | "gaussian" N(0, 1/r) | "pissa" | "pissa_niter_<n>" | "olora"
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row times the adapted direction
+    lora_fa: bool = False  # LoRA-FA: A frozen after its init, only B trains (backward keeps A x, not x)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module pattern -> r
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # module pattern -> alpha
     exclude_modules: list[str] | str | None = None  # never wrap these (same matching as target_modules)
@@ -55,7 +59,8 @@ class LoraConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         _check_choice("bias", self.bias, BIASES)
-        _check_choice("init", self.init, INITS)
+        if not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
+            _check_choice("init", self.init, INITS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         for key, rank in self.rank_pattern.items():
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -105,14 +110,14 @@ class LoraConfig:
             "exclude_modules": self.exclude_modules,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save,
             "layers_to_transform": self.layers_to_transform,
             "layers_pattern": self.layers_pattern,
             "fan_in_fan_out": self.fan_in_fan_out,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "inference_mode": True,
         }
 
@@ -126,11 +131,13 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise ConfigError(f"{where}: peft_type {peft_type!r} is not supported (lorakit reads 'LORA')")
-        for unsupported in ("use_dora", "use_qalora", "lora_bias"):
+        for unsupported in ("use_qalora", "lora_bias"):
             if data.get(unsupported):
                 raise ConfigError(f"{where}: {unsupported}=true is not supported by lorakit yet")
         init = data.get("init_lora_weights", True)
-        init_name = {True: "kaiming", False: "random", "gaussian": "gaussian"}.get(init, "kaiming")
+        init_name = {True: "kaiming", False: "random", "gaussian": "gaussian"}.get(init, init)
+        if not isinstance(init_name, str) or not (init_name in INITS or _PISSA_NITER.fullmatch(init_name)):
+            raise ConfigError(f"{where}: init_lora_weights={init!r} is not supported by lorakit")
         target = data.get("target_modules")
         return cls(
             r=data.get("r", 8),
@@ -140,6 +147,7 @@ class LoraConfig:
             bias=data.get("bias", "none"),
             use_rslora=bool(data.get("use_rslora", False)),
             init=init_name,
+            use_dora=bool(data.get("use_dora", False)),
             rank_pattern=dict(data.get("rank_pattern") or {}),
             alpha_pattern=dict(data.get("alpha_pattern") or {}),
             exclude_modules=data.get("exclude_modules"),
@@ -150,6 +158,22 @@ class LoraConfig:
             task_type=data.get("task_type"),
             base_model_name_or_path=data.get("base_model_name_or_path"),
         )
+
+    @property
+    def variant(self) -> str:
+        """The name of the adapter class in `lorakit.variants.VARIANTS` this config builds."""
+        return "dora" if self.use_dora else "lora"
+
+    @property
+    def pissa_niter(self) -> int | None:
+        """Power iterations of PiSSA's randomised SVD ("pissa_niter_<n>"), None for the exact SVD / other inits."""
+        match = _PISSA_NITER.fullmatch(self.init)
+        return int(match.group(1)) if match else None
+
+    @property
+    def residual_init(self) -> bool:
+        """True when the init takes B, A out of W0 and leaves the residual in the base (PiSSA, OLoRA)."""
+        return self.init in ("pissa", "olora") or self.pissa_niter is not None
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""

@@ -31,15 +31,6 @@ class _Wrapper(nn.Module):
             return getattr(super().__getattr__(self._wrapped_attr), name)
 
 
-@torch.no_grad()
-def _add_into(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
-    """weight += sign · delta, the sum taken in fp32 (in place for an fp32 weight), cast to the weight's dtype."""
-    if weight.dtype == delta.dtype:
-        weight.add_(delta, alpha=sign)
-    else:
-        weight.copy_(weight.float().add_(delta, alpha=sign))
-
-
 class LoraLayer(_Wrapper):
     """A base layer plus any number of named adapters; active ones are summed into its output.
 
@@ -66,8 +57,15 @@ class LoraLayer(_Wrapper):
             if out is not None:
                 return out
         out = base(x, *args, **kwargs)
-        for name in pending:
-            out = self.adapters[name].add_to_output(base, x, out)
+        adapters = [self.adapters[name] for name in pending]
+        base_out = None
+        if any(a.needs_base_output for a in adapters):  # DoRA rescales the base output itself
+            base_out = out.clone() if len(adapters) > 1 else out  # others add into `out` in place
+        for adapter in adapters:
+            if adapter.needs_base_output:
+                out = adapter.add_to_output(base, x, out, base_out=base_out)
+            else:
+                out = adapter.add_to_output(base, x, out)
         return out
 
     # -- merging -----------------------------------------------------------------------------------------
@@ -78,20 +76,17 @@ class LoraLayer(_Wrapper):
                 raise MergeError(f"adapter {name!r} on module {self.path!r} has NaN or inf in its delta; not merged")
 
     def merge(self, names: list[str]) -> None:
-        """Add each adapter's ΔW (computed in fp32, cast to the weight's dtype) into the base weight."""
-        weight = self.base_layer.weight
+        """Merge each adapter into the base weight (LoRA: W0 += ΔW, computed in fp32, cast to the weight's dtype)."""
         for name in names:
             if name in self.merged or name not in self.adapters:
                 continue
-            _add_into(weight, self.adapters[name].delta_weight(self.base_layer), 1.0)
+            self.adapters[name].merge_into(self.base_layer)
             self.merged.append(name)
 
     def unmerge(self) -> None:
-        """Subtract the merged adapters' ΔW again, last merged first."""
-        weight = self.base_layer.weight
+        """Undo the merges, last merged first."""
         while self.merged:
-            name = self.merged.pop()
-            _add_into(weight, self.adapters[name].delta_weight(self.base_layer), -1.0)
+            self.adapters[self.merged.pop()].unmerge_from(self.base_layer)
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, active={self.active}, merged={self.merged}"

@@ -12,8 +12,19 @@ from ..layer_kinds import LayerKind
 from ..ops.lora import init_lora_A, lora_delta_weight
 
 
+@torch.no_grad()
+def add_into(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
+    """weight += sign · delta, the sum taken in fp32 (in place for an fp32 weight), cast to the weight's dtype."""
+    if weight.dtype == delta.dtype:
+        weight.add_(delta, alpha=sign)
+    else:
+        weight.copy_(weight.float().add_(delta, alpha=sign))
+
+
 class LoraAdapter(nn.Module):
     """One LoRA adapter on one layer: parameters `lora_A`, `lora_B`; scale s and dropout p."""
+
+    needs_base_output = False  # add_to_output works on any running sum (it adds s B A dropout(x) in place)
 
     def __init__(
         self,
@@ -60,6 +71,14 @@ class LoraAdapter(nn.Module):
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """s · B A in fp32, in the layout of `base_layer.weight`."""
         return self.kind.to_weight_layout(lora_delta_weight(self.lora_A, self.lora_B, self.scale))
+
+    def merge_into(self, base_layer: nn.Module) -> None:
+        """W0 += ΔW (the sum in fp32, cast to the weight's dtype)."""
+        add_into(base_layer.weight, self.delta_weight(base_layer), 1.0)
+
+    def unmerge_from(self, base_layer: nn.Module) -> None:
+        """W0 -= ΔW, undoing merge_into."""
+        add_into(base_layer.weight, self.delta_weight(base_layer), -1.0)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's key suffixes."""
