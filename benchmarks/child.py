@@ -250,10 +250,41 @@ def _randomize_lora_b(model: Any) -> int:
     return changed
 
 
+def run_init(args: dict[str, Any]) -> dict[str, Any]:
+    """Time a residual initialisation (PiSSA / OLoRA: ``args['init']``) of one d x d Linear, per matrix.
+
+    The contestant attaches an adapter of rank r=16 whose init factorises the weight; the time of that call
+    (attach / get_peft_model), minus nothing, is reported per matrix. The base is rebuilt for each repetition.
+    """
+    torch = _setup_torch(args["threads"])
+    size, init, reps = args["size"], args["init"], args["reps"]
+    times: list[float] = []
+    for rep in range(reps + 1):  # the first repetition is a warm-up (lazy initialisation of LAPACK etc.)
+        torch.manual_seed(models.SEED)
+        model = torch.nn.Sequential(torch.nn.Linear(size, size, bias=False))
+        t0 = time.perf_counter()
+        if args["contestant"] == "peft":
+            import peft
+
+            cfg = peft.LoraConfig(r=models.LORA_R, lora_alpha=models.LORA_ALPHA, target_modules=["0"],
+                                  init_lora_weights=init)
+            peft.get_peft_model(model, cfg)
+        else:
+            models.ensure_lorakit_importable()
+            import lorakit
+
+            lorakit.attach(model, lorakit.LoraConfig(r=models.LORA_R, alpha=models.LORA_ALPHA,
+                                                     target_modules=["0"], init=init))
+        if rep:
+            times.append(time.perf_counter() - t0)
+    return {"times_s": times, "threads": torch.get_num_threads()}
+
+
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": run_train,
     "infer": run_infer,
     "io": run_io,
+    "init": run_init,
 }
 
 

@@ -284,7 +284,38 @@ def _variants_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
             saved = ref_mem - stats["lorakit:fa"][1]
             goals.append([f"H={hidden}: LoRA-FA activation memory saved vs LoRA", f"{saved:.0f} MiB",
                           "> 0 MiB", t.pf(saved > 0)])
-    return lines + t.table(header, rows) + ["", "Goals:", ""] + t.table(["goal", "measured", "target", "result"], goals)
+    infer = {c: res.get(f"infer/{c}", []) for c in ("lorakit", "lorakit:dora", "peft:dora")}
+    infer_rows = []
+    ref = t.pooled(infer["lorakit"], "times_s")
+    for c, runs in infer.items():
+        if runs:
+            st = t.pooled(runs, "times_s")
+            infer_rows.append([VARIANT_NAMES[c], *t.time_cells(st, runs), t.x(t.ratio(st, ref)), t.busy(runs)])
+            if c == "lorakit:dora":
+                goals.append(t.goal("inference: lorakit DoRA / lorakit LoRA forward time", t.ratio(st, ref), 1.0))
+    init_rows = []
+    for method in ("pissa_niter_4", "pissa", "olora"):
+        st = {c: t.pooled(res.get(f"init/{method}/{c}", []), "times_s") for c in ("lorakit", "peft")}
+        for c in ("lorakit", "peft"):
+            runs = res.get(f"init/{method}/{c}", [])
+            if runs:
+                init_rows.append([method, "lorakit" if c == "lorakit" else "PEFT", *t.time_cells(st[c], runs),
+                                  t.x(t.ratio(st[c], st["peft"]))])
+        if method == "pissa_niter_4" and st["lorakit"]:
+            med = st["lorakit"]["median"]
+            goals.append([f"PiSSA fast path, one {s['init_size']}x{s['init_size']} matrix", f"{med:.2f} s",
+                          "< 1 s", t.pf(med < 1.0)])
+    out = lines + t.table(header, rows)
+    if infer_rows:
+        out += ["", f"Inference (eval, no dropout), batch {s['infer_batch']} x {s['infer_seq']}, hidden "
+                    f"{s['infer_hidden']}, ms per forward:", ""]
+        out += t.table(["contestant", "median ms", "IQR ms", "min-max ms", "n", "x lorakit LoRA", "other CPU"],
+                       infer_rows)
+    if init_rows:
+        out += ["", f"Residual initialisation of one {s['init_size']} x {s['init_size']} Linear (r=16), seconds "
+                    "per matrix (attach / get_peft_model):", ""]
+        out += t.table(["init", "library", "median ms", "IQR ms", "min-max ms", "n", "x PEFT"], init_rows)
+    return out + ["", "Goals:", ""] + t.table(["goal", "measured", "target", "result"], goals)
 
 
 SECTIONS = {

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS: tuple[str, ...] = ("train_step", "inference", "merge_save_load", "variants")
 # the variants benchmark: lorakit's LoRA, DoRA, LoRA-FA beside PEFT's LoRA and DoRA (training step, dropout 0)
 VARIANT_CONTESTANTS: tuple[str, ...] = ("lorakit", "lorakit:dora", "lorakit:fa", "peft", "peft:dora")
+INIT_METHODS: tuple[str, ...] = ("pissa_niter_4", "pissa", "olora")  # timed on one init_size^2 matrix
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Settings:
     variants_hiddens: tuple[int, ...] = (1024, 2048)
     variants_rounds: int = 2
     variants_steps: int = 4
+    init_size: int = 4096  # PiSSA / OLoRA initialisation of one init_size x init_size matrix
+    init_reps: int = 3
     child_timeout_s: float = 900.0
     wait_quiet_s: float = 0.0
     quick: bool = False
@@ -87,6 +90,8 @@ QUICK = Settings(
     variants_hiddens=(512,),
     variants_rounds=1,
     variants_steps=2,
+    init_size=1024,
+    init_reps=1,
     child_timeout_s=300.0,
     quick=True,
 )
@@ -222,6 +227,13 @@ def bench_variants(s: Settings) -> dict[str, Any]:
         for hidden in s.variants_hiddens:
             jobs = [(f"H{hidden}/{c}", {**base, "contestant": c, "hidden": hidden}) for c in contestants]
             _execute(rotated(jobs, rnd), s, results)
+        infer = {"kind": "infer", "threads": s.threads, "hidden": s.infer_hidden, "batch": s.infer_batch}
+        infer.update(seq=s.infer_seq, warmup=s.warmup, steps=s.infer_steps)
+        jobs = [(f"infer/{c}", {**infer, "contestant": c}) for c in ("lorakit", "lorakit:dora", "peft:dora")]
+        init = {"kind": "init", "threads": s.threads, "size": s.init_size, "reps": s.init_reps}
+        for method in INIT_METHODS:
+            jobs += [(f"init/{method}/{c}", {**init, "contestant": c, "init": method}) for c in ("lorakit", "peft")]
+        _execute(rotated([j for j in jobs if j[1]["contestant"].partition(":")[0] not in s.skip], rnd), s, results)
     return {"settings": asdict(s), "results": results}
 
 
