@@ -294,7 +294,7 @@ def _variants_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
             if c == "lorakit:dora":
                 goals.append(t.goal("inference: lorakit DoRA / lorakit LoRA forward time", t.ratio(st, ref), 1.0))
     init_rows = []
-    for method in ("pissa_niter_4", "pissa", "olora"):
+    for method in ("pissa_niter_4", "olora"):
         st = {c: t.pooled(res.get(f"init/{method}/{c}", []), "times_s") for c in ("lorakit", "peft")}
         for c in ("lorakit", "peft"):
             runs = res.get(f"init/{method}/{c}", [])
