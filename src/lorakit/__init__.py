@@ -27,6 +27,7 @@ from .model import (
     trainable_parameters,
     unmerge,
 )
+from .optim import loraplus_optimizer, loraplus_param_groups
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,6 @@ __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
     "ModelDirError",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
-    "disabled", "get_config", "load_adapter", "merge", "merge_and_unload", "save_adapter", "set_active",
+    "disabled", "get_config", "load_adapter", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",
     "set_trainable", "trainable_parameters", "unmerge",
 ]

@@ -18,6 +18,7 @@ from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError, MergeError
 from .layer_kinds import check_supported
 from .layers import LoraLayer, SavedModule
+from .residual import apply_residual_init, check_residual_targets
 from .targeting import find_targets, iter_candidate_modules, matches_modules_to_save
 from .variants import variant_for
 
@@ -102,11 +103,20 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     return attach_at(model, config, name, find_targets(model, config))
 
 
-def attach_at(model: nn.Module, config: LoraConfig, name: str, paths: list[str]) -> nn.Module:
-    """attach() on an explicit list of module paths (used when loading a file: its keys name them)."""
+def attach_at(
+    model: nn.Module, config: LoraConfig, name: str, paths: list[str], init_from_base: bool = True
+) -> nn.Module:
+    """attach() on an explicit list of module paths (used when loading a file: its keys name them).
+
+    `init_from_base=False` skips PiSSA / OLoRA's factorisation of the base (a loaded file brings A and B, and
+    its base already holds the residual).
+    """
     record = _record(model)
     fresh_model = not record.configs
     adapter_cls = variant_for(config)
+    from_base = config.residual_init and init_from_base
+    if from_base:
+        check_residual_targets(model, config, paths)  # before any weight changes
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
@@ -114,9 +124,12 @@ def attach_at(model: nn.Module, config: LoraConfig, name: str, paths: list[str])
             _replace_module(model, path, module)
         base = module.base_layer
         dtype = base.weight.dtype if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
+        init = "kaiming" if config.residual_init else config.init  # PiSSA / OLoRA: A, B set from W0 or the file
         adapter = adapter_cls(
-            module.kind, base, config.rank_for(path), config.scaling_for(path), config.dropout, config.init, dtype
+            module.kind, base, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype
         )
+        if from_base:
+            apply_residual_init(base, adapter, config)  # PiSSA / OLoRA: A, B from W0; the base keeps the residual
         adapter.train(model.training)
         module.adapters[name] = adapter
     if config.modules_to_save:
@@ -146,6 +159,8 @@ def _set_trainable(model: nn.Module, name: str, freeze_base: bool) -> None:
     for layer in lora_layers(model):
         if name in layer.adapters:
             layer.adapters[name].requires_grad_(True)
+            if config.lora_fa:
+                lora_fa_frozen_factor(layer.adapters[name]).requires_grad_(False)
             if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
     for saved in saved_modules(model):
@@ -159,12 +174,27 @@ def _set_trainable(model: nn.Module, name: str, freeze_base: bool) -> None:
                 param.requires_grad_(True)
 
 
+def lora_fa_frozen_factor(adapter: nn.Module) -> nn.Parameter:
+    """The factor LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) keeps frozen at its random init: A (r, k).
+
+    Embeddings are the exception: there A starts at zero and B is the random one (PEFT's init), so B stays
+    frozen and A trains; freezing a zero A would keep the update at zero forever.
+    """
+    return adapter.lora_B if adapter.kind.name == "embedding" else adapter.lora_A
+
+
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:
-    """Make adapter `name`'s parameters (and its modules_to_save copies) trainable or frozen."""
+    """Make adapter `name`'s parameters (and its modules_to_save copies) trainable or frozen.
+
+    With `lora_fa=True` in its config, A stays frozen when the adapter is made trainable.
+    """
     _require(model, [name])
+    lora_fa = _record(model).configs[name].lora_fa
     for layer in lora_layers(model):
         if name in layer.adapters:
             layer.adapters[name].requires_grad_(trainable)
+            if lora_fa:
+                lora_fa_frozen_factor(layer.adapters[name]).requires_grad_(False)
     for saved in saved_modules(model):
         if name in saved.copies:
             saved.copies[name].requires_grad_(trainable)

@@ -2,7 +2,9 @@
 the embedded default (all-MiniLM-L6-v2 on standard-library docstrings, LoRA vs full fine-tuning).
 
 Every option of TrainConfig is a flag (`--max-steps`, `--lora-alpha`, ...); `--config run.yaml` supplies
-any of them, and flags given on the command line override the file.
+any of them, and flags given on the command line override the file. The adapter method is `--method lora |
+dora | lora_fa | full`, its init `--init kaiming | gaussian | pissa | pissa_niter_<n> | olora`, and
+`--loraplus-ratio 16` trains B at 16 times A's learning rate (LoRA+).
 """
 
 from __future__ import annotations

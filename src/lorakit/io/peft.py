@@ -21,6 +21,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNameError, ShapeMismatchError
 from ..layers import LoraLayer, SavedModule
 from ..targeting import is_target, iter_candidate_modules, output_head_names
+from . import residual
 from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -89,8 +90,12 @@ def _file_targets(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig
     return candidate
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default", convert_to_lora: bool = False) -> Path:
     """Save adapter `name` in PEFT's layout under `path` (a subfolder `name` unless it is "default").
+
+    A PiSSA / OLoRA adapter (its init changed the base weights) is saved, with `convert_to_lora=True`, as a
+    plain LoRA of rank 2r relative to the original weights (loads onto the unmodified base in PEFT / vLLM);
+    otherwise as trained, marked as needing the residual base (see io.residual).
 
     Atomic: a failure while writing leaves any adapter already in that directory intact.
     Returns the directory written.
@@ -99,6 +104,7 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
     directory = adapter_dir(path, name)
     metadata = {"format": "pt", "producer": "lorakit"}
+    config, tensors, metadata = residual.prepare_save(model, name, config, tensors, metadata, convert_to_lora, PREFIX)
     atomic_write(directory, {
         WEIGHTS_NAME: write_safetensors(tensors, metadata),
         CONFIG_NAME: write_json(config.to_peft_dict()),
@@ -129,7 +135,8 @@ def load_adapter(
     active; otherwise the active set is unchanged (use set_active).
 
     Raises:
-        AdapterFileError: missing or corrupt files, unknown peft_type, keys for modules the model lacks.
+        AdapterFileError: missing or corrupt files, unknown peft_type, keys for modules the model lacks, or an
+            unconverted PiSSA / OLoRA file on a model that does not hold its residual base.
         ShapeMismatchError: a tensor whose shape does not fit the model (module, expected and found shape).
         AdapterNameError: `name` is already attached.
     """
@@ -155,13 +162,15 @@ def load_adapter(
         )
     if not paths:
         raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
+    fingerprint = residual.check_load(model, config, directory, paths)  # PiSSA / OLoRA: the residual base?
     previously_active = M.active_adapters(model)
-    M.attach_at(model, config, name, paths)
+    M.attach_at(model, config, name, paths, init_from_base=False)
     try:
         _copy_into(model, name, tensors, directory)
     except Exception:
         M.delete_adapter(model, name)
         raise
+    residual.after_load(model, name, fingerprint)
     M.set_trainable(model, name, trainable)
     if previously_active:
         M.set_active(model, previously_active)

@@ -4,8 +4,9 @@
      └──► dropout ─► A (r×k) ─► B (d×r) ─► ·s ┘  s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
 `lora_linear_add` adds the adapter branch into the base layer's output in place. Its backward keeps only
-a reference to x, dropout's random draw (2 bytes per element on the CPU, 1 elsewhere) and h = A x (r values
-per token): never a copy of dropout(x). `lora_linear` does the same for a whole frozen Linear layer.
+a reference to x (none when A is frozen, as in LoRA-FA), dropout's random draw (2 bytes per element on the CPU,
+1 elsewhere) and h = A x (r values per token): never a copy of dropout(x). `lora_linear` does the same for a
+whole frozen Linear layer.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ def _masked(x2: torch.Tensor, bits: torch.Tensor | None, keep_prob: float, dtype
 
 
 class _LoraLinearAdd(torch.autograd.Function):
-    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the dropout draw, h."""
+    """out += c · (x ⊙ keep) Aᵀ Bᵀ in place, c = s / (1 - p); saves x (a reference), the dropout draw, h.
+
+    With A frozen (LoRA-FA, Zhang et al. 2023, arXiv 2308.03303) ∇A is not needed, so x is not saved at all:
+    ∇x needs only the draw, A and B, and ∇B needs h = A x (r values per token), so x can be freed after forward.
+    """
 
     @staticmethod
     def forward(ctx, out, x, lora_A, lora_B, scale, dropout_p, compute_dtype):  # noqa: ANN001
@@ -114,16 +119,17 @@ class _LoraLinearAdd(torch.autograd.Function):
         else:
             out2.add_(h @ b.t(), alpha=coeff)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, bits, h, lora_A, lora_B)
-        ctx.coeff, ctx.keep_prob = coeff, keep_prob
+        x_kept = x if ctx.needs_input_grad[2] else None  # only ∇A reads x (LoRA-FA: A frozen, x not kept)
+        ctx.save_for_backward(x_kept, bits, h, lora_A, lora_B)
+        ctx.coeff, ctx.keep_prob, ctx.x_shape, ctx.x_dtype = coeff, keep_prob, x.shape, x.dtype
         ctx.compute_dtype = compute_dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, bits, h, lora_A, lora_B = ctx.saved_tensors
+        x, bits, h, lora_A, lora_B = ctx.saved_tensors  # x is None when A is frozen
         cdt, coeff = ctx.compute_dtype, ctx.coeff
-        k, d = x.shape[-1], grad_out.shape[-1]
+        k, d = ctx.x_shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d).to(cdt)  # (N, d)
         b = lora_B.to(cdt)
         a = lora_A.to(cdt)
@@ -136,7 +142,7 @@ class _LoraLinearAdd(torch.autograd.Function):
             gx = gh @ a  # (N, k)
             if mask is not None:
                 gx.mul_(mask)
-            grad_x = gx.to(x.dtype).view(x.shape)
+            grad_x = gx.to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             x2 = x.reshape(-1, k)
             xin = x2.to(cdt) if mask is None else mask.mul_(x2)  # the mask is not needed after this
@@ -190,7 +196,8 @@ class _LoraLinear(torch.autograd.Function):
     """out = x W0ᵀ + b + c · (x ⊙ keep) Aᵀ Bᵀ for a frozen W0 (Linear: W0 is (d, k); GPT-2 Conv1D: W0 is (k, d)).
 
     Owning the base GEMM lets backward accumulate the adapter's input gradient into g W0 in place
-    (one buffer, no separate N x k tensor for autograd to add).
+    (one buffer, no separate N x k tensor for autograd to add). x is saved only when ∇A or ∇W0 needs it:
+    with A frozen (LoRA-FA) backward keeps h = A x, not x.
     """
 
     @staticmethod
@@ -203,18 +210,20 @@ class _LoraLinear(torch.autograd.Function):
         coeff = scale / keep_prob
         h = _masked(x2, bits, keep_prob, x2.dtype) @ lora_A.t()  # (N, r)
         out.addmm_(h, lora_B.t(), alpha=coeff)
-        ctx.save_for_backward(x, weight, bits, h, lora_A, lora_B)
+        x_kept = x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None  # only ∇W0, ∇A read x
+        ctx.save_for_backward(x_kept, weight, bits, h, lora_A, lora_B)
         ctx.coeff, ctx.keep_prob, ctx.transposed, ctx.has_bias = coeff, keep_prob, transposed, bias is not None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
-        x, weight, bits, h, lora_A, lora_B = ctx.saved_tensors
+        x, weight, bits, h, lora_A, lora_B = ctx.saved_tensors  # x is None when neither A nor W0 trains
         coeff = ctx.coeff
-        k, d = x.shape[-1], grad_out.shape[-1]
+        k, d = ctx.x_shape[-1], grad_out.shape[-1]
         g = grad_out.reshape(-1, d)  # (N, d)
         gh = (g @ lora_B).mul_(coeff)  # (N, r)
-        mask = None if bits is None else keep_mask(bits, ctx.keep_prob, x.dtype)
+        mask = None if bits is None else keep_mask(bits, ctx.keep_prob, ctx.x_dtype)
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             gx = g @ (weight.t() if ctx.transposed else weight)  # (N, k): the base layer's input gradient
@@ -222,7 +231,7 @@ class _LoraLinear(torch.autograd.Function):
                 gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
             else:
                 gx.addcmul_(gh @ lora_A, mask)
-            grad_x = gx.view(x.shape)
+            grad_x = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # a trainable base weight (not LoRA's case, but keep autograd's contract)
             gw = g.t() @ x.reshape(-1, k)  # (d, k)
             grad_w = gw.t() if ctx.transposed else gw

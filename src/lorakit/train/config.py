@@ -18,7 +18,7 @@ import yaml
 from ..errors import ConfigError
 
 TASKS = ("auto", "causal-lm", "classification")
-METHODS = ("lora", "full")
+METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
@@ -38,16 +38,17 @@ class TrainConfig:
     packing: bool = False  # causal-lm: concatenate examples into max_length blocks
     completion_only: bool = True  # causal-lm: loss only on completion / response / assistant tokens
     # the adapter
-    method: str = "lora"  # lora | full (full fine-tuning, for comparison)
+    method: str = "lora"  # lora | dora (use_dora) | lora_fa (A frozen, only B trains) | full (all weights train)
     r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # scaling numerator, s = lora_alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
     target_modules: list[str] | str = "all-linear"  # names, a regex string, or all-linear
     use_rslora: bool = False  # s = lora_alpha / sqrt(r)
-    init: str = "kaiming"  # initialisation of A: kaiming | gaussian
+    init: str = "kaiming"  # adapter init: kaiming | gaussian | pissa | pissa_niter_<n> | olora
     # optimisation
     learning_rate: float = 2e-4  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW weight decay
+    loraplus_ratio: float | None = None  # LoRA+: B learns this many times faster than A (e.g. 16); none: off
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant, after warm-up
     warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
     warmup_steps: int = 0  # warm-up steps (overrides warmup_ratio when > 0)
@@ -91,6 +92,23 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        self._validate_adapter_method()
+
+    def _validate_adapter_method(self) -> None:
+        """init (checked by LoraConfig) and loraplus_ratio, which need an adapter method."""
+        ratio = self.loraplus_ratio
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+                raise ConfigError(f"loraplus_ratio must be a finite number > 0 (or none); got {ratio!r}")
+            if self.method == "full":
+                raise ConfigError("loraplus_ratio needs an adapter: method is 'full'; use lora, dora or lora_fa")
+        if self.method != "full":
+            from ..config import LoraConfig
+
+            try:
+                LoraConfig(init=self.init)
+            except ConfigError as err:
+                raise ConfigError(f"init: {err}") from err
 
     # -- files -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The training loop of `lorakit train`: AdamW, warm-up + decay, gradient accumulation and clipping,
-autocast, gradient checkpointing, evaluation, diagnostics, checkpoints and exact resume.
+"""The training loop of `lorakit train`: AdamW (LoRA+ groups with --loraplus-ratio), warm-up + decay, gradient
+accumulation and clipping, autocast, gradient checkpointing, evaluation, diagnostics, checkpoints and exact resume.
 
 The data order is a function of (seed, epoch) and the position is the global step, so a resumed run draws
 the same batches, the same dropout masks (RNG states are restored) and reproduces the loss curve.
@@ -21,6 +21,7 @@ from .. import model as M
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..io import save_adapter
+from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
 from . import diagnostics as diag
 from .config import TrainConfig
@@ -68,7 +69,8 @@ def autocast_context(precision: str, device: torch.device) -> contextlib.Abstrac
 
 
 def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
-    """LoRA on the configured targets (the classification head trained in full), or everything trainable."""
+    """An adapter (LoRA, DoRA or LoRA-FA) on the configured targets, the classification head trained in full;
+    or, for method "full", everything trainable."""
     heads = [h for h in HEAD_NAMES if task == "classification" and hasattr(model, h)]
     if cfg.method == "full":
         for param in model.parameters():
@@ -77,9 +79,19 @@ def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
     lora = LoraConfig(
         r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora, init=cfg.init, modules_to_save=heads or None,
+        use_dora=cfg.method == "dora", lora_fa=cfg.method == "lora_fa",
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=cfg.model,
     )
     M.attach(model, lora)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: one learning rate, or LoRA+ groups when loraplus_ratio is set."""
+    if cfg.loraplus_ratio is not None:
+        return loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate, ratio=cfg.loraplus_ratio,
+                                  weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 class Batches:
@@ -181,17 +193,19 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.lr_scheduler_type, warmup, total_steps))
+    optimizer = build_optimizer(model, cfg)
+    schedule = lr_factor(cfg.lr_scheduler_type, warmup, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    saves = "full" if cfg.method == "full" else "lora"  # checkpoints hold the whole model or the adapter
 
     start_step, losses = 0, []
     config_dict = cfg.to_dict()
     if cfg.resume:
         state = ckpt.read_state(Path(cfg.resume), config_dict)
-        ckpt.restore(Path(cfg.resume), model, cfg.method, optimizer, scheduler)
+        ckpt.restore(Path(cfg.resume), model, saves, optimizer, scheduler)
         start_step, losses = state["global_step"], list(state.get("losses", []))
 
-    w0_norms = diag.weight_norms(model) if cfg.method == "lora" and cfg.diagnostics_steps else {}
+    w0_norms = diag.weight_norms(model) if saves == "lora" and cfg.diagnostics_steps else {}
     progress = Progress(out_dir / "metrics.jsonl", total_steps, start_step, bar=cfg.progress)
     progress.message(f"lorakit train: {task}, {len(datasets.train)} examples, {total_steps} steps, "
                      f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
@@ -228,21 +242,21 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if step % max(cfg.logging_steps, 1) == 0 or step == total_steps:
                 seconds = time.perf_counter() - window_start
                 mean = sum(window_loss) / len(window_loss)
-                lr = scheduler.get_last_lr()[0]
+                lr = cfg.learning_rate * schedule(step)  # the base rate (LoRA+: A's; B's is ratio times it)
                 tps = window_tokens / seconds if seconds > 0 else 0.0
                 progress.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": tps,
                               "epoch": step / steps_per_epoch})
                 progress.step(step, mean, lr, tps, force_line=True)
                 window_loss, window_tokens, window_start = [], 0, time.perf_counter()
             else:
-                progress.step(step, step_loss, scheduler.get_last_lr()[0], 0.0, force_line=False)
+                progress.step(step, step_loss, cfg.learning_rate * schedule(step), 0.0, force_line=False)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps and datasets.eval:
                 metrics = evaluate(model, datasets.eval, collate, cfg, task, device)
                 progress.log({"step": step, **metrics})
                 progress.message(f"eval at step {step}: " + _fmt(metrics))
             if cfg.save_steps and step % cfg.save_steps == 0:
                 state = {"config": config_dict, "losses": losses}
-                last_checkpoint = ckpt.save_checkpoint(out_dir, step, model, cfg.method, optimizer, scheduler,
+                last_checkpoint = ckpt.save_checkpoint(out_dir, step, model, saves, optimizer, scheduler,
                                                        state, cfg.save_total_limit)
         seconds = time.perf_counter() - started
         final = evaluate(model, datasets.eval, collate, cfg, task, device) if datasets.eval else {}
@@ -250,7 +264,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             progress.log({"step": total_steps, **final})
             progress.message("final eval: " + _fmt(final))
         saved = _save_final(model, tokenizer, cfg, out_dir)
-        progress.message(f"saved {'adapter' if cfg.method == 'lora' else 'model'} to {saved}")
+        progress.message(f"saved {'model' if cfg.method == 'full' else 'adapter'} to {saved}")
     finally:
         progress.close()
     return TrainResult(out_dir=out_dir, saved_dir=saved, steps=total_steps, losses=losses, eval=final,
@@ -258,8 +272,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 
 def _save_final(model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Path) -> Path:
-    if cfg.method == "lora":
-        return save_adapter(model, out_dir / "adapter")
+    if cfg.method != "full":
+        # PiSSA / OLoRA changed the base: save as a plain LoRA on the original weights, usable with cfg.model
+        convert = M.get_config(model, "default").residual_init
+        return save_adapter(model, out_dir / "adapter", convert_to_lora=convert)
     target = out_dir / "model"
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
