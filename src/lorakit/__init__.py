@@ -28,12 +28,13 @@ from .model import (
     unmerge,
 )
 from .optim import loraplus_optimizer, loraplus_param_groups
+from .quant import NF4Linear, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
-    "ModelDirError",
+    "ModelDirError", "NF4Linear", "quantize",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
     "disabled", "get_config", "load_adapter", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",
     "set_trainable", "trainable_parameters", "unmerge",
