@@ -288,9 +288,25 @@ KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+# benchmarks kept in their own modules: name -> module exposing KINDS, bench(s, execute), section(bench, notes)
+EXTRA_MODULES = {"qlora": "bench_qlora", "swap": "bench_swap", "mixed_batch": "bench_mixed"}
+
+
+def extra_module(name: str) -> Any:
+    """Import the module of benchmark `name` and register its child kinds."""
+    import importlib
+
+    module = importlib.import_module(EXTRA_MODULES[name])
+    KINDS.update(module.KINDS)
+    return module
+
+
 def main(payload: str) -> int:
     """Entry point for ``run.py --child JSON``: prints one marker line with a JSON object."""
     args = json.loads(payload)
+    if args["kind"] not in KINDS:
+        for name in EXTRA_MODULES:
+            extra_module(name)
     try:
         result = KINDS[args["kind"]](args)
         result["ok"] = True

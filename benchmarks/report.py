@@ -318,11 +318,23 @@ def _variants_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
     return out + ["", "Goals:", ""] + t.table(["goal", "measured", "target", "result"], goals)
 
 
+def _module_section(name: str) -> Any:
+    def section(bench: dict[str, Any], notes: list[str]) -> list[str]:
+        import child
+
+        return child.extra_module(name).section(bench, notes)
+
+    return section
+
+
 SECTIONS = {
     "train_step": _train_section,
     "inference": _infer_section,
     "merge_save_load": _io_section,
     "variants": _variants_section,
+    "qlora": _module_section("qlora"),
+    "swap": _module_section("swap"),
+    "mixed_batch": _module_section("mixed_batch"),
 }
 
 

@@ -38,7 +38,9 @@ import environment
 import report
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS: tuple[str, ...] = ("train_step", "inference", "merge_save_load", "variants")
+BENCHMARKS: tuple[str, ...] = (
+    "train_step", "inference", "merge_save_load", "variants", "qlora", "swap", "mixed_batch",
+)
 # the variants benchmark: lorakit's LoRA, DoRA, LoRA-FA beside PEFT's LoRA and DoRA (training step, dropout 0)
 VARIANT_CONTESTANTS: tuple[str, ...] = ("lorakit", "lorakit:dora", "lorakit:fa", "peft", "peft:dora")
 INIT_METHODS: tuple[str, ...] = ("pissa_niter_4", "olora")  # timed on one init_size^2 matrix (exact SVD: slow)
@@ -237,11 +239,21 @@ def bench_variants(s: Settings) -> dict[str, Any]:
     return {"settings": asdict(s), "results": results}
 
 
+def _module_runner(name: str) -> Any:
+    """A runner for a benchmark that lives in its own module (benchmarks/bench_*.py: KINDS, bench, section)."""
+
+    def run(s: Settings) -> dict[str, Any]:
+        return child.extra_module(name).bench(s, _execute)
+
+    return run
+
+
 RUNNERS = {
     "train_step": bench_train,
     "inference": bench_infer,
     "merge_save_load": bench_io,
     "variants": bench_variants,
+    **{name: _module_runner(name) for name in child.EXTRA_MODULES},
 }
 
 

@@ -1,5 +1,6 @@
 """lorakit: low-rank adaptation (LoRA and its family) for PyTorch and Hugging Face transformers models."""
 
+from .combine import combine, merge_combination
 from .config import LoraConfig
 from .errors import (
     AdapterFileError,
@@ -29,13 +30,17 @@ from .model import (
 )
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .quant import NF4Linear, quantize
+from .quant.merge import LossyMergeWarning
+from .swap import prepare_swap, swap_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
-    "ModelDirError", "NF4Linear", "quantize",
+    "LossyMergeWarning", "ModelDirError", "NF4Linear", "quantize",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
     "disabled", "get_config", "load_adapter", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",
     "set_trainable", "trainable_parameters", "unmerge",
+    "combine", "merge_combination",
+    "prepare_swap", "swap_adapter",
 ]

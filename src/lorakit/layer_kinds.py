@@ -7,6 +7,7 @@ work). A kind knows the adapter shapes, how to add s · B A x to the layer's out
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.lora import lora_linear, lora_linear_add
+from .quant.linear import NF4Linear
 
 try:  # GPT-2 style fused projections: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -39,6 +41,15 @@ class LayerKind:
     fan_in_fan_out: bool = False
     # the whole adapted layer in one op (base + one adapter), or None: see ops.lora.lora_linear
     fused: Callable[[nn.Module, Tensor, Tensor, Tensor, float, float], Tensor | None] | None = None
+    # quantised bases (QLoRA) only: the dense weight (d, k) in a dtype (None: the compute dtype), and the tensor
+    # holding the codes (its identity and version change exactly when the weight does). None: a float weight
+    dequantize: Callable[[nn.Module, torch.dtype | None], Tensor] | None = None
+    storage: Callable[[nn.Module], Tensor] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base weight is stored quantised (merging into it re-quantises: see quant.merge)."""
+        return self.dequantize is not None
 
 
 def _linear_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
@@ -130,8 +141,45 @@ CONV = LayerKind(
     peft_keys=("lora_A.weight", "lora_B.weight"),
 )
 
+NF4_LINEAR = LayerKind(
+    name="nf4_linear",
+    dims=lambda m: (m.in_features, m.out_features),
+    shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
+    add_delta=_linear_add,  # after NF4Linear's own forward (dequantise, multiply, drop)
+    to_weight_layout=_identity,
+    peft_keys=("lora_A.weight", "lora_B.weight"),
+    is_linear=True,
+    dequantize=lambda m, dtype: m.dequantize(dtype),
+    storage=lambda m: m.packed,
+)
+
+
+def _bnb_dequantize(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
+    """bitsandbytes Linear4bit's weight (d, k), dequantised by bitsandbytes itself (what its forward multiplies by)."""
+    import bitsandbytes.functional as bnb_f
+
+    param = module.weight
+    if getattr(param.quant_state, "packing_format_for_cpu", False):  # set by an eval-mode forward on an AVX512 CPU
+        param.data, param.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(param.data, param.quant_state)
+    weight = bnb_f.dequantize_4bit(param.data, param.quant_state)
+    return weight.to(dtype or weight_dtype(module))
+
+
+BNB_LINEAR4BIT = LayerKind(
+    name="bnb_linear4bit",
+    dims=lambda m: (m.in_features, m.out_features),
+    shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
+    add_delta=_linear_add,
+    to_weight_layout=_identity,
+    peft_keys=("lora_A.weight", "lora_B.weight"),
+    is_linear=True,
+    dequantize=_bnb_dequantize,
+    storage=lambda m: m.weight,
+)
+
 LAYER_KINDS: dict[type, LayerKind] = {
     nn.Linear: LINEAR,
+    NF4Linear: NF4_LINEAR,
     nn.Embedding: EMBEDDING,
     nn.Conv1d: CONV,
     nn.Conv2d: CONV,
@@ -141,8 +189,32 @@ if HFConv1D is not None:
     LAYER_KINDS[HFConv1D] = CONV1D_GPT2
 
 
+def _register_bitsandbytes() -> None:
+    """Register bitsandbytes' Linear4bit once bitsandbytes is imported (a model holding one has imported it).
+
+    lorakit never imports bitsandbytes itself; Linear4bit subclasses nn.Linear, so it must be known before a
+    lookup would take it for a plain Linear."""
+    bnb = sys.modules.get("bitsandbytes")
+    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    if linear4bit is not None and linear4bit not in LAYER_KINDS:
+        LAYER_KINDS[linear4bit] = BNB_LINEAR4BIT
+
+
+def weight_dtype(module: nn.Module, kind: LayerKind | None = None) -> torch.dtype:
+    """The dtype the layer computes in: its weight's, or a quantised layer's compute dtype (bitsandbytes without
+    one: the dtype it was quantised from)."""
+    kind = kind or kind_of(module)
+    if kind is None or not kind.quantized:
+        return module.weight.dtype
+    dtype = getattr(module, "compute_dtype", None)
+    if dtype is None:
+        dtype = getattr(getattr(module.weight, "quant_state", None), "dtype", None) or torch.float32
+    return dtype
+
+
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The LayerKind of `module` (its own type or nearest registered base class), or None."""
+    _register_bitsandbytes()
     for cls in type(module).__mro__:
         kind = LAYER_KINDS.get(cls)
         if kind is not None:

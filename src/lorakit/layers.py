@@ -37,6 +37,8 @@ class LoraLayer(_Wrapper):
     forward: out = base(x) + sum over active, unmerged adapters a of a's contribution.
     """
 
+    routing: Any = None  # during a forward with adapter_names=[...] only: a lorakit.mixed.Routing (row -> adapter)
+
     def __init__(self, base_layer: nn.Module, kind: LayerKind, path: str) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -50,6 +52,8 @@ class LoraLayer(_Wrapper):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:  # a mixed batch: each row its own adapter (lorakit.mixed)
+            return self.routing.forward(self, x, *args, **kwargs)
         pending = [name for name in self.active if name not in self.merged]
         base = self.base_layer
         if len(pending) == 1 and not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
@@ -75,16 +79,29 @@ class LoraLayer(_Wrapper):
             if not torch.isfinite(self.adapters[name].delta_weight(self.base_layer)).all():
                 raise MergeError(f"adapter {name!r} on module {self.path!r} has NaN or inf in its delta; not merged")
 
-    def merge(self, names: list[str]) -> None:
-        """Merge each adapter into the base weight (LoRA: W0 += ΔW, computed in fp32, cast to the weight's dtype)."""
+    def merge(self, names: list[str]) -> dict[str, float] | None:
+        """Merge each adapter into the base weight (LoRA: W0 += ΔW, computed in fp32, cast to the weight's dtype).
+
+        A quantised base (QLoRA) is re-quantised once with all of them (lossy; quant.merge): returns the error
+        that introduces. None for a float base."""
+        if self.kind.quantized:
+            from .quant.merge import merge_requantized
+
+            return merge_requantized(self, names)
         for name in names:
             if name in self.merged or name not in self.adapters:
                 continue
             self.adapters[name].merge_into(self.base_layer)
             self.merged.append(name)
+        return None
 
     def unmerge(self) -> None:
-        """Undo the merges, last merged first."""
+        """Undo the merges, last merged first (a quantised base gets its codes from before the merge back)."""
+        if self.kind.quantized:
+            from .quant.merge import unmerge_requantized
+
+            unmerge_requantized(self)
+            return
         while self.merged:
             self.adapters[self.merged.pop()].unmerge_from(self.base_layer)
 

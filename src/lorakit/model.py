@@ -16,8 +16,10 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError, MergeError
-from .layer_kinds import check_supported
+from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
+from .mixed import install as _install_mixed_batches
+from .mixed import uninstall as _uninstall_mixed_batches
 from .residual import apply_residual_init, check_residual_targets
 from .targeting import find_targets, iter_candidate_modules, matches_modules_to_save
 from .variants import variant_for
@@ -123,7 +125,7 @@ def attach_at(
             module = LoraLayer(module, check_supported(module, path), path)
             _replace_module(model, path, module)
         base = module.base_layer
-        dtype = base.weight.dtype if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
+        dtype = weight_dtype(base, module.kind) if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
         init = "kaiming" if config.residual_init else config.init  # PiSSA / OLoRA: A, B set from W0 or the file
         adapter = adapter_cls(
             module.kind, base, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype
@@ -146,6 +148,7 @@ def attach_at(
     record.configs[name] = config
     _set_trainable(model, name, fresh_model)
     _install_checkpointing_hook(model)
+    _install_mixed_batches(model)  # model(..., adapter_names=[...]) and generate(...)
     set_active(model, [name])
     return model
 
@@ -298,26 +301,46 @@ def _forget(model: nn.Module) -> None:
     record = model.__dict__.pop("_lorakit", None)
     if record is not None and record.hook is not None:
         record.hook.remove()
+    _uninstall_mixed_batches(model)
 
 
-def merge(model: nn.Module, names: list[str] | None = None, safe: bool = False) -> None:
+def merge(
+    model: nn.Module, names: list[str] | None = None, safe: bool = False, requantize: bool = False
+) -> dict[str, dict[str, float]]:
     """Add the adapters' s · B A into the base weights (fp32 math, cast to the weight dtype).
 
     Args:
         names: adapters to merge; default the active ones.
         safe: check every delta for NaN/inf first and merge nothing if one has any.
+        requantize: allow merging into quantised (NF4, bitsandbytes 4-bit) bases by re-quantising W0 + s B A.
+            Lossy, so off by default: merge_and_unload gives dense layers instead. unmerge restores the codes.
+
+    Returns:
+        {module path: error} for each re-quantised layer (quant.merge.requantization_error: max_abs_error,
+        rel_fro_error, update_rel_error), with a LossyMergeWarning; empty when no base is quantised.
 
     Raises:
-        MergeError: in safe mode, a delta with NaN or inf (the message names the module and adapter).
+        MergeError: in safe mode, a delta with NaN or inf (the message names the module and adapter); a
+            quantised base without requantize=True.
     """
+    from .quant.merge import check_requantize_allowed, warn_requantized
+
     names = active_adapters(model) if names is None else list(names)
     _require(model, names)
     layers = list(lora_layers(model))
+    if not requantize:
+        check_requantize_allowed(layers, names)
     if safe:
         for layer in layers:
             layer.check_finite([n for n in names if n in layer.adapters and n not in layer.merged])
+    report = {}
     for layer in layers:
-        layer.merge(names)
+        error = layer.merge(names)
+        if error is not None:
+            report[layer.path] = error
+    if report:
+        warn_requantized(report)
+    return report
 
 
 def unmerge(model: nn.Module) -> None:
@@ -326,13 +349,18 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, safe: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """Merge the active adapters and return the model with its original module types (no lorakit left).
 
-    modules_to_save are replaced by the active adapter's trained copy.
+    modules_to_save are replaced by the active adapter's trained copy. Quantised layers (NF4Linear,
+    bitsandbytes Linear4bit) become dense nn.Linear in their compute dtype, or `dtype`: W = dequant(W_q) + s B A
+    for adapted ones, with a LossyMergeWarning (W0's quantisation error stays; quant.merge).
     """
+    from .quant.merge import unload_quantized
+
     if any(layer.disabled for layer in lora_layers(model)):
         raise MergeError("merge_and_unload() inside a disabled() block: leave the block first")
+    unload_quantized(model, active_adapters(model), dtype, safe)
     merge(model, safe=safe)
     for layer in list(lora_layers(model)):
         _replace_module(model, layer.path, layer.base_layer)

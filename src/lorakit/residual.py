@@ -42,6 +42,12 @@ def check_residual_targets(model: nn.Module, config: LoraConfig, paths: list[str
         kind = kind_of(base)
         if kind is None:
             continue  # attach_at's check_supported names the unsupported type
+        if kind.quantized:
+            raise ConfigError(
+                f"module {path!r}: init={config.init!r} on a quantised layer ({type(base).__name__}) is not "
+                f"supported: the residual W0 - s B A would have to be re-quantised (lossy); use init='kaiming' or "
+                f"'gaussian' on a quantised model, or skip this module when quantising"
+            )
         if kind.name not in RESIDUAL_KINDS:
             raise ConfigError(
                 f"module {path!r}: init={config.init!r} needs a Linear or GPT-2 Conv1D layer, found "

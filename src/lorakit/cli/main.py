@@ -9,7 +9,7 @@ import sys
 
 from ..errors import LorakitError
 
-COMMANDS = ("train", "quickstart", "generate", "merge", "inspect")  # modules of lorakit.cli, in --help order
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect")  # modules of lorakit.cli, in --help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,18 @@ class NF4Linear(nn.Module):
         return NF4State(self.packed, self.absmax, self.absmax_scale, self.absmax_offset,
                         torch.Size((self.out_features, self.in_features)), self.blocksize)
 
+    def replace_state(self, state: NF4State) -> None:
+        """Hold `state` (same shape and blocksize) instead of the current codes: merge(requantize=True), unmerge.
+
+        Raises:
+            ConfigError: a state of another shape or blocksize.
+        """
+        if tuple(state.shape) != (self.out_features, self.in_features) or state.blocksize != self.blocksize:
+            raise ConfigError(f"NF4Linear.replace_state: expected shape {(self.out_features, self.in_features)} and "
+                              f"blocksize {self.blocksize}, found {tuple(state.shape)} and {state.blocksize}")
+        self.packed, self.absmax = state.packed, state.absmax
+        self.absmax_scale, self.absmax_offset = state.absmax_scale, state.absmax_offset
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out, in) in `dtype` (default: the compute dtype). Allocates a full-size tensor."""
         return dequantize_nf4(self.state, dtype or self.compute_dtype)

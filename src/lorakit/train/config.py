@@ -21,6 +21,8 @@ TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+QUANTIZE = ("none", "nf4")  # the frozen base's storage (QLoRA)
+QUANTIZE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # NF4 layers' compute dtype; auto: bf16 on a GPU, fp32 on the CPU
 
 
 @dataclass
@@ -45,6 +47,8 @@ class TrainConfig:
     target_modules: list[str] | str = "all-linear"  # names, a regex string, or all-linear
     use_rslora: bool = False  # s = lora_alpha / sqrt(r)
     init: str = "kaiming"  # adapter init: kaiming | gaussian | pissa | pissa_niter_<n> | olora
+    quantize: str | None = None  # none | nf4: store the frozen base's linear layers in 4-bit NormalFloat (QLoRA)
+    quantize_compute_dtype: str = "auto"  # auto | fp32 | bf16 | fp16: NF4 compute dtype (auto: bf16 on GPU, CPU fp32)
     # optimisation
     learning_rate: float = 2e-4  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW weight decay
@@ -93,6 +97,24 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         self._validate_adapter_method()
+        self._validate_quantize()
+
+    def _validate_quantize(self) -> None:
+        """quantize (none / nf4) and its compute dtype; a quantised base needs an adapter and a plain init."""
+        if self.quantize == "none":
+            self.quantize = None
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}")
+        if self.quantize_compute_dtype not in QUANTIZE_DTYPES:
+            raise ConfigError(f"quantize_compute_dtype must be one of {', '.join(QUANTIZE_DTYPES)}; "
+                              f"got {self.quantize_compute_dtype!r}")
+        if self.quantize is not None and self.method == "full":
+            raise ConfigError(f"quantize={self.quantize!r} needs an adapter: method 'full' would train the "
+                              f"quantised weights themselves; use lora, dora or lora_fa")
+        residual = self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_")
+        if self.quantize is not None and residual:
+            raise ConfigError(f"quantize={self.quantize!r} with init {self.init!r}: PiSSA / OLoRA would have to "
+                              f"re-quantise the residual base; use init kaiming or gaussian")
 
     def _validate_adapter_method(self) -> None:
         """init (checked by LoraConfig) and loraplus_ratio, which need an adapter method."""

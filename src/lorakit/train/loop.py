@@ -85,6 +85,30 @@ def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
     M.attach(model, lora)
 
 
+def quantize_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The NF4 compute dtype: as configured, or auto: bf16 on a GPU that has it (else fp16), fp32 on the CPU."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.quantize_compute_dtype != "auto":
+        return named[cfg.quantize_compute_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantize_base(model: nn.Module, cfg: TrainConfig, task: str, device: torch.device) -> None:
+    """QLoRA: store the frozen base's Linear layers in NF4 before the adapter is attached. The output head and
+    a classification head (trained in full) stay as they are."""
+    from ..errors import ConfigError
+    from ..quant import NF4Linear, quantize
+    from ..targeting import output_head_names
+
+    skip = tuple(output_head_names(model)) + tuple(h for h in HEAD_NAMES if task == "classification")
+    quantize(model, cfg.quantize, compute_dtype=quantize_compute_dtype(cfg, device), skip=skip)
+    if not any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise ConfigError(f"quantize={cfg.quantize!r}: {type(model).__name__} has no nn.Linear layer to quantise "
+                          f"besides its heads (GPT-2's Conv1D layers are not quantised); drop --quantize")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: one learning rate, or LoRA+ groups when loraplus_ratio is set."""
     if cfg.loraplus_ratio is not None:
@@ -180,6 +204,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     model.to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.quantize:
+        quantize_base(model, cfg, task, device)
     attach_for_training(model, cfg, task)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

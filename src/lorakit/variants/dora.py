@@ -20,7 +20,8 @@ from ..ops.dora import NORM_EPS, dora_linear, dora_merged_weight, dora_norm, row
 from .lora import LoraAdapter
 
 # how each layer kind stores its weight relative to DoRA's rows: "dk" = (d, k, ...), "kd" = (k, d)
-_LAYOUTS = {"linear": "dk", "conv": "dk", "conv1d_gpt2": "kd", "embedding": "kd"}
+_LAYOUTS = {"linear": "dk", "conv": "dk", "conv1d_gpt2": "kd", "embedding": "kd", "nf4_linear": "dk",
+            "bnb_linear4bit": "dk"}
 
 
 class DoraAdapter(LoraAdapter):
@@ -48,16 +49,22 @@ class DoraAdapter(LoraAdapter):
         self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
 
     # -- the norm n ------------------------------------------------------------------------------------
-    def _row_norms_sq(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+    def _base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        """W0: the weight, or for a quantised base (QLoRA) a dequantised copy in the compute dtype (freed after use)."""
+        dequantize = self.kind.dequantize
+        return base_layer.weight if dequantize is None else dequantize(base_layer, None)
+
+    def _row_norms_sq(self, base_layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        source = weight if self.kind.storage is None else self.kind.storage(base_layer)  # quantised: the codes
+        key = (source._version, source.data_ptr(), weight.dtype, weight.device)
         if self._w0_sq is None or self._w0_sq[0] != key:
             self._w0_sq = (key, row_norms_sq(weight, self.layout))
         return self._w0_sq[1]
 
     def norm(self, base_layer: nn.Module, eps: float = NORM_EPS) -> torch.Tensor:
         """n = ||W0 + s B A||_row (fp32, no grad, clamped to >= eps), from low-rank pieces."""
-        weight = base_layer.weight
-        w0_sq = self._row_norms_sq(weight)
+        weight = self._base_weight(base_layer)
+        w0_sq = self._row_norms_sq(base_layer, weight)
         return dora_norm(w0_sq, weight, self.layout, self.lora_A, self.lora_B, self.scale, eps)
 
     def _channel_view(self, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -92,7 +99,7 @@ class DoraAdapter(LoraAdapter):
     # -- merging -----------------------------------------------------------------------------------------
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """W' - W0 in fp32 and the weight's layout, W' = c ⊙_row (W0 + s B A)."""
-        weight = base_layer.weight
+        weight = self._base_weight(base_layer)
         merged, _ = dora_merged_weight(weight, self.layout, super().delta_weight(base_layer), self.lora_magnitude_vector)
         return merged - weight.float()
 

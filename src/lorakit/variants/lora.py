@@ -25,6 +25,7 @@ class LoraAdapter(nn.Module):
     """One LoRA adapter on one layer: parameters `lora_A`, `lora_B`; scale s and dropout p."""
 
     needs_base_output = False  # add_to_output works on any running sum (it adds s B A dropout(x) in place)
+    swap_slot = None  # lorakit.swap.SwapSlot once padded / swapped: the true rank and the gain folded into B
 
     def __init__(
         self,
@@ -81,9 +82,13 @@ class LoraAdapter(nn.Module):
         add_into(base_layer.weight, self.delta_weight(base_layer), -1.0)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
-        """This adapter's tensors under PEFT's key suffixes."""
+        """This adapter's tensors under PEFT's key suffixes (after lorakit.swap: the true rank, B / gain)."""
         key_a, key_b = self.kind.peft_keys
-        return {key_a: self.lora_A, key_b: self.lora_B}
+        lora_A, lora_B, slot = self.lora_A, self.lora_B, self.swap_slot
+        if slot is not None:  # zero-padded to a declared max rank, the scale ratio folded into B (see swap.py)
+            lora_A, lora_B = lora_A[: slot.rank], lora_B[:, : slot.rank]
+            lora_B = lora_B if slot.gain == 1.0 else lora_B / slot.gain
+        return {key_a: lora_A, key_b: lora_B}
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
