@@ -31,6 +31,7 @@ Goals: fp32 / NF4 base weight bytes >= 6x; QLoRA step / lorakit LoRA step <= 1.3
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -188,9 +189,22 @@ def _first(runs: list[dict[str, Any]], key: str) -> Any:
     return next((r[key] for r in T.ok(runs) if key in r), None)
 
 
+def _sanity(res: dict[str, list[Any]], notes: list[str]) -> None:
+    """Append to the report's sanity warnings: a non-finite first loss, no gradient, a busy machine."""
+    for c in CONTESTANTS:
+        for r in T.ok(res.get(c, [])):
+            if not math.isfinite(r.get("first_loss", float("nan"))) or not r.get("tensors_with_grad"):
+                notes.append(f"qlora/{c}: first loss {r.get('first_loss')}, {r.get('tensors_with_grad')} tensors "
+                             f"with a gradient")
+            if r.get("foreign_cpu_share", 0.0) > 0.10:
+                notes.append(f"qlora/{c}: other processes used {r['foreign_cpu_share']:.0%} of the CPUs while timing")
+
+
 def section(bench_dict: dict[str, Any], notes: list[str] | None = None) -> list[str]:
-    """The markdown lines of the QLoRA section of RESULTS.md."""
+    """The markdown lines of the QLoRA section of RESULTS.md; sanity warnings are appended to `notes`."""
     st, res = bench_dict["settings"], bench_dict["results"]
+    if notes is not None:
+        _sanity(res, notes)
     times = {c: T.pooled(res.get(c, []), "times_s") for c in CONTESTANTS}
     lines = [
         "## qlora",
@@ -230,4 +244,4 @@ def section(bench_dict: dict[str, Any], notes: list[str] | None = None) -> list[
         T.goal("QLoRA (fp32 compute) / PEFT + bitsandbytes step", T.ratio(times["qlora"], times["peft-bnb"]),
                GOAL_VS_PEFT),
     ])
-    return lines + ([""] + list(notes) if notes else [])
+    return lines

@@ -142,8 +142,8 @@ def merge_combination(
     _check_inputs(model, terms, method, making_adapter=False)
     plan = _plan(model, terms)
     for layer, _ in plan:
-        if not isinstance(layer.base_layer.weight, nn.Parameter):
-            raise MergeError(f"module {layer.path!r}: its weight is not a plain parameter "
+        if layer.kind.quantized or not isinstance(layer.base_layer.weight, nn.Parameter):
+            raise MergeError(f"module {layer.path!r}: its weight is quantised or not a plain parameter "
                              f"({type(layer.base_layer).__name__}); cannot merge a combination into it")
     generator = torch.Generator().manual_seed(int(seed))
     ranks: dict[str, int | None] = {}
