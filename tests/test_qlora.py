@@ -279,7 +279,6 @@ def test_quantize_base_keeps_heads_and_refuses_a_model_without_linear_layers():
 @pytest.mark.parametrize(("fields", "match"), [
     ({"quantize": "int8"}, "quantize must be one of"),
     ({"quantize": "nf4", "method": "full"}, "method 'full'"),
-    ({"quantize": "nf4", "init": "olora"}, "init 'olora'"),
     ({"quantize": "nf4", "quantize_compute_dtype": "fp64"}, "quantize_compute_dtype must be one of"),
 ])
 def test_train_config_refuses_bad_quantize_options(fields, match):

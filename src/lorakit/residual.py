@@ -45,8 +45,9 @@ def check_residual_targets(model: nn.Module, config: LoraConfig, paths: list[str
         if kind.quantized:
             raise ConfigError(
                 f"module {path!r}: init={config.init!r} on a quantised layer ({type(base).__name__}) is not "
-                f"supported: the residual W0 - s B A would have to be re-quantised (lossy); use init='kaiming' or "
-                f"'gaussian' on a quantised model, or skip this module when quantising"
+                f"supported: the factors would come from an already-quantised W0; attach with init={config.init!r} "
+                f"to the full-precision model first and then call lorakit.quantize (QPiSSA: only the residual "
+                f"is quantised)"
             )
         if kind.name not in RESIDUAL_KINDS:
             raise ConfigError(

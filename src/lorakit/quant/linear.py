@@ -143,22 +143,32 @@ def quantize(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype = to
 
     A module is skipped when its path or a dotted suffix of it is in `skip` (the output head by default).
     Blocks run over the flattened weight, as in bitsandbytes, so any in_features works (no padding).
-    Quantise before attaching adapters.
+    Usually called before attaching adapters. On a model that already has adapters, the base layers under them
+    are quantised and the adapters kept (modules_to_save copies stay full precision): this is how QPiSSA works
+    (PiSSA, Meng et al. 2024): attach with init="pissa" on the full-precision model, then quantise, so that only
+    the residual W0 - s B A is quantised.
 
     Raises:
         ConfigError: an unknown format, or a compute dtype that is unsupported or unusable on the layer's device.
-        TargetError: the model already has lorakit adapters, or is itself an nn.Linear.
+        TargetError: the model is itself an nn.Linear, or an adapter is merged into a layer to quantise.
     """
+    from ..layer_kinds import NF4_LINEAR
+    from ..layers import LoraLayer, SavedModule
+
     if fmt != "nf4":
         raise ConfigError(f"quantize: unknown format {fmt!r}; expected 'nf4'")
-    if "_lorakit" in model.__dict__:
-        raise TargetError("quantize: the model already has lorakit adapters; quantize it before lorakit.attach")
     if isinstance(model, nn.Linear):
         raise TargetError("quantize: expected a model that contains nn.Linear layers, found a bare nn.Linear; "
                           "use NF4Linear.from_linear for a single layer")
+    kept = {id(m) for saved in model.modules() if isinstance(saved, SavedModule) for m in saved.modules()}
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and not _skipped(name, tuple(skip))
+               if isinstance(module, nn.Linear) and id(module) not in kept
+               and not _skipped(name.removesuffix(".base_layer"), tuple(skip))
                and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)]  # MHA reads its weight
+    for name, _ in targets:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(parent, LoraLayer) and parent.merged:
+            raise TargetError(f"quantize: module {parent.path!r} has merged adapters {parent.merged}; unmerge first")
     checked: set[torch.device] = set()
     for name, linear in targets:
         if linear.weight.device not in checked:
@@ -167,4 +177,8 @@ def quantize(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype = to
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, NF4Linear.from_linear(linear, compute_dtype, blocksize, double_quant))
+        if isinstance(parent, LoraLayer):  # a base layer under adapters: they now act on an NF4 base
+            parent.kind = NF4_LINEAR
+            for adapter in parent.adapters.values():
+                adapter.rebase(NF4_LINEAR)
     return model

@@ -100,7 +100,8 @@ class TrainConfig:
         self._validate_quantize()
 
     def _validate_quantize(self) -> None:
-        """quantize (none / nf4) and its compute dtype; a quantised base needs an adapter and a plain init."""
+        """quantize (none / nf4) and its compute dtype; a quantised base needs an adapter. With init pissa / olora
+        the loop attaches first and quantises the residual base afterwards (QPiSSA)."""
         if self.quantize == "none":
             self.quantize = None
         if self.quantize is not None and self.quantize not in QUANTIZE:
@@ -111,10 +112,6 @@ class TrainConfig:
         if self.quantize is not None and self.method == "full":
             raise ConfigError(f"quantize={self.quantize!r} needs an adapter: method 'full' would train the "
                               f"quantised weights themselves; use lora, dora or lora_fa")
-        residual = self.init in ("pissa", "olora") or self.init.startswith("pissa_niter_")
-        if self.quantize is not None and residual:
-            raise ConfigError(f"quantize={self.quantize!r} with init {self.init!r}: PiSSA / OLoRA would have to "
-                              f"re-quantise the residual base; use init kaiming or gaussian")
 
     def _validate_adapter_method(self) -> None:
         """init (checked by LoraConfig) and loraplus_ratio, which need an adapter method."""

@@ -204,9 +204,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     model.to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.quantize:
+    residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
+    if cfg.quantize and not residual_init:
         quantize_base(model, cfg, task, device)
     attach_for_training(model, cfg, task)
+    if cfg.quantize and residual_init:  # QPiSSA: factor the full-precision W0, then quantise only the residual
+        quantize_base(model, cfg, task, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable, total = M.trainable_parameters(model)

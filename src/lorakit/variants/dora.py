@@ -48,6 +48,12 @@ class DoraAdapter(LoraAdapter):
             norm = self.norm(base_layer, eps=0.0)  # a zero row gets m = 0 (and c = 0 / eps = 0 in forward)
         self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
 
+    def rebase(self, kind: LayerKind) -> None:
+        """A new base of the same shape: new layout, and ||W0_i||² is recomputed from it on the next use."""
+        super().rebase(kind)
+        self.layout = _LAYOUTS[kind.name]
+        self._w0_sq = None
+
     # -- the norm n ------------------------------------------------------------------------------------
     def _base_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """W0: the weight, or for a quantised base (QLoRA) a dequantised copy in the compute dtype (freed after use)."""

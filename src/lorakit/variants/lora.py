@@ -73,6 +73,10 @@ class LoraAdapter(nn.Module):
         """s · B A in fp32, in the layout of `base_layer.weight`."""
         return self.kind.to_weight_layout(lora_delta_weight(self.lora_A, self.lora_B, self.scale))
 
+    def rebase(self, kind: LayerKind) -> None:
+        """The base layer was replaced by one of another kind with the same shape (e.g. quantised to NF4)."""
+        self.kind = kind
+
     def merge_into(self, base_layer: nn.Module) -> None:
         """W0 += ΔW (the sum in fp32, cast to the weight's dtype)."""
         add_into(base_layer.weight, self.delta_weight(base_layer), 1.0)
