@@ -18,7 +18,7 @@ import transformers
 from safetensors import safe_open
 
 import lorakit
-from lorakit import analysis, hf
+from lorakit import analysis, generation, hf
 from lorakit.cli.main import main
 
 PROMPT = "one two three four"
@@ -116,7 +116,7 @@ def test_generate_greedy_is_deterministic_and_streamed(capsys, causal_lm_dir):
 
     model, tokenizer = hf.load_model_dir(causal_lm_dir)
     stream = Recorder()
-    text = hf.generate(model, tokenizer, PROMPT, max_new_tokens=12, stream=stream)
+    text = generation.generate(model, tokenizer, PROMPT, max_new_tokens=12, stream=stream)
     assert stream.getvalue() == text and out1 == text + "\n"
     assert Recorder.writes > 1  # written piece by piece while generating, not once at the end
     # the same as transformers' own greedy decoding
@@ -135,7 +135,7 @@ def test_generate_with_adapters_differs(capsys, causal_lm_dir, adapter_dir, seco
     assert code == 0
     model, tokenizer = base_plus_adapters(causal_lm_dir, adapter_dir, second_adapter_dir)
     assert lorakit.active_adapters(model) == ["a0", "a1"]
-    assert both == hf.generate(model, tokenizer, PROMPT, max_new_tokens=12) + "\n"
+    assert both == generation.generate(model, tokenizer, PROMPT, max_new_tokens=12) + "\n"
 
 
 def test_generate_prompts_jsonl_chat_and_sampling(capsys, causal_lm_dir, tmp_path):
@@ -157,7 +157,7 @@ def test_generate_prompts_jsonl_chat_and_sampling(capsys, causal_lm_dir, tmp_pat
                             "--max-new-tokens", 5)
     assert code == 0 and chat.strip()
     model, tokenizer = hf.load_model_dir(causal_lm_dir)
-    ids = hf.build_prompt(tokenizer, PROMPT, chat=True)["input_ids"][0].tolist()
+    ids = generation.build_prompt(tokenizer, PROMPT, chat=True)["input_ids"][0].tolist()
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|user|>")
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
 

@@ -26,7 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hf import generate_all, read_prompts
+    from ..generation import generate_all, read_prompts
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     generate_all(
