@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -141,14 +141,12 @@ CONV = LayerKind(
     peft_keys=("lora_A.weight", "lora_B.weight"),
 )
 
-NF4_LINEAR = LayerKind(
+# quantised Linear layers: LINEAR's adapter geometry, no fused op (the adapter is added after the layer's own
+# forward, which dequantises), and a way to read the weight back
+NF4_LINEAR = replace(
+    LINEAR,
     name="nf4_linear",
-    dims=lambda m: (m.in_features, m.out_features),
-    shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
-    add_delta=_linear_add,  # after NF4Linear's own forward (dequantise, multiply, drop)
-    to_weight_layout=_identity,
-    peft_keys=("lora_A.weight", "lora_B.weight"),
-    is_linear=True,
+    fused=None,
     dequantize=lambda m, dtype: m.dequantize(dtype),
     storage=lambda m: m.packed,
 )
@@ -165,14 +163,10 @@ def _bnb_dequantize(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
     return weight.to(dtype or weight_dtype(module))
 
 
-BNB_LINEAR4BIT = LayerKind(
+BNB_LINEAR4BIT = replace(
+    LINEAR,
     name="bnb_linear4bit",
-    dims=lambda m: (m.in_features, m.out_features),
-    shapes=lambda m, r: ((r, m.in_features), (m.out_features, r)),
-    add_delta=_linear_add,
-    to_weight_layout=_identity,
-    peft_keys=("lora_A.weight", "lora_B.weight"),
-    is_linear=True,
+    fused=None,
     dequantize=_bnb_dequantize,
     storage=lambda m: m.weight,
 )
