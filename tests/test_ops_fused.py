@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.ops.lora import lora_linear
+from lorakit.ops.lora import effective_weight_pays, lora_linear
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -46,7 +46,44 @@ def test_fused_path_falls_back_where_it_does_not_apply():
     a, b = torch.randn(4, 8), torch.randn(5, 4)
     assert lora_linear(x.bfloat16(), weight, None, a, b, 1.0) is None  # mixed dtypes
     with torch.no_grad():
-        assert lora_linear(x, weight, None, a, b, 1.0) is None  # inference without dropout
+        assert lora_linear(x, weight, None, a, b, 1.0) is None  # inference on 2 tokens: the add path pays
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_large_batch_inference_uses_a_transient_effective_weight(transposed, with_bias):
+    torch.manual_seed(2)
+    k, d, r = 12, 10, 3
+    x = torch.randn(4, 16, k)  # 64 tokens: building W0 + s B A moves fewer values than the branch
+    weight = torch.randn((k, d) if transposed else (d, k))
+    bias = torch.randn(d) if with_bias else None
+    a, b = torch.randn(r, k), torch.randn(d, r)
+    w0 = weight.clone()
+    assert effective_weight_pays(64, k, d) and not effective_weight_pays(2, k, d)
+    with torch.no_grad():
+        out = lora_linear(x, weight, bias, a, b, 0.5, transposed=transposed)
+    w_dk = weight.t() if transposed else weight
+    expected = x @ w_dk.t() + 0.5 * (x @ a.t()) @ b.t() + (bias if with_bias else 0.0)
+    assert out is not None and out.shape == (4, 16, d)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(weight, w0)  # the model's weight is not modified
+
+
+def test_large_batch_eval_forward_of_a_model_equals_the_add_path():
+    cfg = lorakit.LoraConfig(r=4, alpha=8, target_modules=["0", "2"], init="random")
+    model = lorakit.attach(_net(), cfg).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        out = model(x)
+        with lorakit.disabled(model):
+            base_only = model(x)
+        lorakit.merge(model)
+        merged = model(x)
+    assert not torch.allclose(out, base_only, atol=1e-3)
+    torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
 
 
 def _net() -> nn.Module:

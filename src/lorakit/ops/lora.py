@@ -257,12 +257,50 @@ def lora_linear(
 ) -> torch.Tensor | None:
     """The whole adapted layer in one op: x W0ᵀ + b + s · B A dropout(x); `transposed` for (k, d) weights.
 
-    Returns None when the fused path does not apply (mixed dtypes, autocast, inference without dropout),
+    Returns None when the fused path does not apply (mixed dtypes, autocast, a small inference batch),
     and the caller then uses the base layer followed by `lora_linear_add`.
     """
     dtypes = {x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1 or torch.is_autocast_enabled(x.device.type):
         return None
-    if not torch.is_grad_enabled() and dropout_p == 0.0:
-        return None  # inference: the add path is already one small GEMM + one fused multiply-add
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+    )
+    if not needs_grad and dropout_p == 0.0:
+        return lora_linear_inference(x, weight, bias, lora_A, lora_B, scale, transposed)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p, transposed)
+
+
+def effective_weight_pays(n_tokens: int, k: int, d: int) -> bool:
+    """Whether building W0 + s B A once beats adding the branch per token, for n_tokens rows through a d x k layer.
+
+    Building it moves ~2·d·k values (read W0, write the sum) and costs 2·d·k·r FLOPs (r/n_tokens of the base
+    GEMM's); the branch re-reads x (n·k values) and reads and writes the output (2·n·d) in skinny, memory-bound
+    GEMMs. The sum is built when it moves fewer values.
+    """
+    return n_tokens * (k + 2 * d) > 2 * d * k
+
+
+def lora_linear_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
+) -> torch.Tensor | None:
+    """Inference through an unmerged adapter as one GEMM with a transient W0 + s B A (the model's weights are
+    untouched); None when the batch is too small for that to pay (`effective_weight_pays`), for the add path.
+    """
+    k = x.shape[-1]
+    d = weight.shape[1] if transposed else weight.shape[0]
+    if not effective_weight_pays(x.numel() // max(k, 1), k, d):
+        return None
+    if transposed:  # GPT-2 Conv1D: W0 is (k, d)
+        w_eff = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scale)  # (k, d)
+        x2 = x.reshape(-1, k)
+        out = torch.addmm(bias, x2, w_eff) if bias is not None else x2 @ w_eff
+        return out.view(*x.shape[:-1], d)
+    w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)  # (d, k)
+    return torch.nn.functional.linear(x, w_eff, bias)
