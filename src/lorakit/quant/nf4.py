@@ -177,9 +177,14 @@ def quantize_blockwise_8bit(values: torch.Tensor, blocksize: int = ABSMAX_BLOCKS
 
 def dequantize_blockwise_8bit(indices: torch.Tensor, absmax: torch.Tensor, blocksize: int = ABSMAX_BLOCKSIZE,
                               code: torch.Tensor = DYNAMIC_CODE) -> torch.Tensor:
-    """v_i = code[q_i] * absmax_{i // blocksize}, in fp32."""
-    block_of = torch.arange(indices.numel(), device=indices.device) // blocksize
-    return code.to(indices.device)[indices.long()] * absmax[block_of]
+    """v_i = code[q_i] * absmax_{i // blocksize}, in fp32 (a new tensor; full blocks scaled as one 2-D view)."""
+    n = indices.numel()
+    full = n - n % blocksize
+    values = torch.index_select(code.to(indices.device), 0, indices.int())
+    values[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
+    if full < n:
+        values[full:].mul_(absmax[-1])
+    return values
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
