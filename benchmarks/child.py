@@ -6,6 +6,8 @@ prefixed with ``RESULT_MARKER``.  Kinds:
 * ``train``  -- training step = forward + loss(labels=input_ids) + backward + zero_grad(set_to_none),
                ``model.train()``; per-step wall time (time.perf_counter) after ``warmup`` untimed
                steps, plus peak-RSS growth over all steps (warm-up included).
+* ``train_paired`` -- FLOOR and one contestant in the same process, training steps alternated in ABBA
+               order; per-pair time ratios (the time goals use them; no memory figure).
 * ``infer``  -- forward of the unmerged model in eval mode under ``torch.inference_mode()``.
 * ``io``     -- merge_and_unload time, adapter save time, adapter load time, adapter size on disk.
 
@@ -142,6 +144,51 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
         threads=torch.get_num_threads(),
     )
     return res
+
+
+def run_train_paired(args: dict[str, Any]) -> dict[str, Any]:
+    """FLOOR and one contestant built in the same process, their training steps alternated (ABBA order).
+
+    Each pair is one FLOOR step and one contestant step taken back to back, so a slow phase of the machine
+    hits both; the per-pair ratio contestant / FLOOR is what the time goals use. Memory is not measured here
+    (two models share the process): the one-contestant children measure it.
+    """
+    torch = _setup_torch(args["threads"])
+    hidden, seq = args["hidden"], args["seq"]
+    floor = models.build_contestant("floor", hidden, 0.0, max_positions=seq).train()
+    other = models.build_contestant(args["contestant"], hidden, args["dropout"], max_positions=seq).train()
+    ids = models.make_inputs(args["batch"], seq)
+
+    def step(model: Any) -> float:
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for _ in range(args["warmup"]):
+        step(floor)
+        step(other)
+    floor_s: list[float] = []
+    other_s: list[float] = []
+    busy0, own0 = _cpu_busy_s()
+    wall0 = time.perf_counter()
+    for i in range(args["pairs"]):
+        if i % 2 == 0:  # ABBA: FLOOR first in even pairs, the contestant first in odd ones
+            floor_s.append(step(floor))
+            other_s.append(step(other))
+        else:
+            other_s.append(step(other))
+            floor_s.append(step(floor))
+    wall = time.perf_counter() - wall0
+    busy1, own1 = _cpu_busy_s()
+    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
+    return {
+        "ratios": [o / f for o, f in zip(other_s, floor_s, strict=True)],
+        "times_s": other_s,
+        "floor_times_s": floor_s,
+        "foreign_cpu_share": foreign,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def run_infer(args: dict[str, Any]) -> dict[str, Any]:
@@ -282,6 +329,7 @@ def run_init(args: dict[str, Any]) -> dict[str, Any]:
 
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": run_train,
+    "train_paired": run_train_paired,
     "infer": run_infer,
     "io": run_io,
     "init": run_init,

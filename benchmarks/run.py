@@ -11,7 +11,8 @@ Benchmarks (every configuration is measured in its own fresh subprocess, see chi
 * ``train_step``      -- forward + loss + backward + zero_grad of a 4-layer Llama-style model
                          (batch 4 x 256) at hidden 512 and 1024, LoRA dropout 0 and 0.1: median step
                          time and peak-RSS growth of FLOOR (frozen model, activation grads only),
-                         lorakit and PEFT, with ratios and PASS/FAIL goals.
+                         lorakit and PEFT, each in its own process; and the paired ratio to FLOOR
+                         (FLOOR and the contestant alternated in one process), which the time goals use.
 * ``inference``       -- unmerged forward, eval mode, inference_mode, batch 32 x 128, hidden 1024:
                          base model vs lorakit vs PEFT.
 * ``merge_save_load`` -- merge_and_unload, adapter save and adapter load times at hidden 1024,
@@ -58,6 +59,7 @@ class Settings:
     train_batch: int = 4
     train_seq: int = 256
     train_steps: int = 6
+    train_pairs: int = 6  # alternated FLOOR / contestant step pairs per paired child
     infer_hidden: int = 1024
     infer_batch: int = 32
     infer_seq: int = 128
@@ -83,6 +85,7 @@ QUICK = Settings(
     train_hiddens=(512,),
     train_seq=128,
     train_steps=2,
+    train_pairs=2,
     infer_hidden=512,
     infer_batch=8,
     infer_steps=2,
@@ -186,6 +189,9 @@ def bench_train(s: Settings) -> dict[str, Any]:
                     if c != "floor":
                         payload = {**base, "contestant": c, "hidden": hidden, "dropout": p}
                         jobs.append((f"H{hidden}/p{p}/{c}", payload))
+                        if "floor" in contestants:  # the same step alternated with FLOOR's in one process
+                            paired = {**payload, "kind": "train_paired", "pairs": s.train_pairs}
+                            jobs.append((f"H{hidden}/p{p}/{c}/paired", paired))
             _execute(rotated(jobs, rnd), s, results)
     return {"settings": asdict(s), "results": results}
 
@@ -293,7 +299,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         overrides["io_rounds"] = args.rounds
         overrides["variants_rounds"] = args.rounds
     if args.steps is not None:
-        overrides.update(train_steps=args.steps, infer_steps=args.steps, variants_steps=args.steps)
+        overrides.update(train_steps=args.steps, train_pairs=args.steps, infer_steps=args.steps,
+                         variants_steps=args.steps)
     return Settings(**{**asdict(s), **overrides})
 
 
