@@ -6,8 +6,8 @@ prefixed with ``RESULT_MARKER``.  Kinds:
 * ``train``  -- training step = forward + loss(labels=input_ids) + backward + zero_grad(set_to_none),
                ``model.train()``; per-step wall time (time.perf_counter) after ``warmup`` untimed
                steps, plus peak-RSS growth over all steps (warm-up included).
-* ``train_paired`` -- FLOOR and one contestant in the same process, training steps alternated in ABBA
-               order; per-pair time ratios (the time goals use them; no memory figure).
+* ``train_paired`` / ``infer_paired`` -- FLOOR (base) and one contestant in the same process, training
+               steps (forwards) alternated in ABBA order; per-pair time ratios (the time goals use them).
 * ``infer``  -- forward of the unmerged model in eval mode under ``torch.inference_mode()``.
 * ``io``     -- merge_and_unload time, adapter save time, adapter load time, adapter size on disk.
 
@@ -146,23 +146,31 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def run_train_paired(args: dict[str, Any]) -> dict[str, Any]:
-    """FLOOR and one contestant built in the same process, their training steps alternated (ABBA order).
+def run_paired(args: dict[str, Any]) -> dict[str, Any]:
+    """A reference and one contestant built in the same process, their steps alternated (ABBA order).
 
-    Each pair is one FLOOR step and one contestant step taken back to back, so a slow phase of the machine
-    hits both; the per-pair ratio contestant / FLOOR is what the time goals use. Memory is not measured here
-    (two models share the process): the one-contestant children measure it.
+    Kind ``train_paired``: training steps, reference FLOOR; kind ``infer_paired``: eval forwards under
+    inference_mode, reference the base model. Each pair is one reference step and one contestant step taken
+    back to back, so a slow phase of the machine hits both; the per-pair ratio contestant / reference is what
+    the time goals use. Memory is not measured here (two models share the process): the one-contestant
+    children measure it.
     """
     torch = _setup_torch(args["threads"])
     hidden, seq = args["hidden"], args["seq"]
-    floor = models.build_contestant("floor", hidden, 0.0, max_positions=seq).train()
-    other = models.build_contestant(args["contestant"], hidden, args["dropout"], max_positions=seq).train()
+    train = args["kind"] == "train_paired"
+    dropout = args.get("dropout", 0.0)
+    floor = models.build_contestant("floor" if train else "base", hidden, 0.0, max_positions=seq).train(train)
+    other = models.build_contestant(args["contestant"], hidden, dropout, max_positions=seq).train(train)
     ids = models.make_inputs(args["batch"], seq)
 
     def step(model: Any) -> float:
         t0 = time.perf_counter()
-        model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
+        if train:
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                model(input_ids=ids)
         return time.perf_counter() - t0
 
     for _ in range(args["warmup"]):
@@ -329,7 +337,8 @@ def run_init(args: dict[str, Any]) -> dict[str, Any]:
 
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "train": run_train,
-    "train_paired": run_train_paired,
+    "train_paired": run_paired,
+    "infer_paired": run_paired,
     "infer": run_infer,
     "io": run_io,
     "init": run_init,

@@ -64,6 +64,7 @@ class Settings:
     infer_batch: int = 32
     infer_seq: int = 128
     infer_steps: int = 4
+    infer_pairs: int = 4  # alternated base / contestant forward pairs per paired child
     io_hidden: int = 1024
     io_rounds: int = 2
     io_reps: int = 3
@@ -89,6 +90,7 @@ QUICK = Settings(
     infer_hidden=512,
     infer_batch=8,
     infer_steps=2,
+    infer_pairs=2,
     io_hidden=512,
     io_rounds=1,
     io_reps=1,
@@ -204,6 +206,9 @@ def bench_infer(s: Settings) -> dict[str, Any]:
     for rnd in range(s.rounds):
         _log(f"[inference] round {rnd + 1}/{s.rounds}")
         jobs = [(c, {**base, "contestant": c}) for c in contestants]
+        if "base" in contestants:  # each adapter model alternated with the base model in one process
+            jobs += [(f"{c}/paired", {**base, "kind": "infer_paired", "contestant": c, "pairs": s.infer_pairs})
+                     for c in contestants if c != "base"]
         _execute(rotated(jobs, rnd), s, results)
     return {"settings": asdict(s), "results": results}
 
@@ -300,7 +305,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         overrides["variants_rounds"] = args.rounds
     if args.steps is not None:
         overrides.update(train_steps=args.steps, train_pairs=args.steps, infer_steps=args.steps,
-                         variants_steps=args.steps)
+                         infer_pairs=args.steps, variants_steps=args.steps)
     return Settings(**{**asdict(s), **overrides})
 
 
