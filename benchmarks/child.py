@@ -67,6 +67,19 @@ def _cpu_busy_s() -> tuple[float, float]:
     return busy, own.user + own.system
 
 
+def _cpu_mark() -> tuple[float, float, float]:
+    """(machine CPU s, own CPU s, wall s) now: the start of a window for `_foreign_share`."""
+    return (*_cpu_busy_s(), time.perf_counter())
+
+
+def _foreign_share(start: tuple[float, float, float]) -> float:
+    """Share of the machine's CPU capacity used by *other* processes (and hypervisor steal) since `start`."""
+    busy0, own0, wall0 = start
+    wall = time.perf_counter() - wall0
+    busy1, own1 = _cpu_busy_s()
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
+
+
 def _setup_torch(threads: int) -> Any:
     import torch
 
@@ -89,17 +102,14 @@ def _measure_steps(
     for i in range(max(warmup, 1 if first else 0)):
         (first if (i == 0 and first is not None) else step)()
     times: list[float] = []
-    busy0, own0 = _cpu_busy_s()
-    wall0 = time.perf_counter()
+    mark = _cpu_mark()
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - wall0
-    busy1, own1 = _cpu_busy_s()
+    own_s = _cpu_busy_s()[1] - mark[1]
+    foreign = _foreign_share(mark)
     peak = maxrss_mb()
-    # Share of the machine's CPU capacity used by *other* processes (and hypervisor steal) while timing.
-    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
     return {
         "times_s": times,
         "baseline_rss_mb": baseline,
@@ -108,7 +118,7 @@ def _measure_steps(
         "peak_growth_mb": peak - baseline,
         "hwm_reset": reset_ok,
         "foreign_cpu_share": foreign,
-        "own_cpu_s_per_step": (own1 - own0) / max(steps, 1),
+        "own_cpu_s_per_step": own_s / max(steps, 1),
     }
 
 
@@ -178,8 +188,7 @@ def run_paired(args: dict[str, Any]) -> dict[str, Any]:
         step(other)
     floor_s: list[float] = []
     other_s: list[float] = []
-    busy0, own0 = _cpu_busy_s()
-    wall0 = time.perf_counter()
+    mark = _cpu_mark()
     for i in range(args["pairs"]):
         if i % 2 == 0:  # ABBA: FLOOR first in even pairs, the contestant first in odd ones
             floor_s.append(step(floor))
@@ -187,9 +196,7 @@ def run_paired(args: dict[str, Any]) -> dict[str, Any]:
         else:
             other_s.append(step(other))
             floor_s.append(step(floor))
-    wall = time.perf_counter() - wall0
-    busy1, own1 = _cpu_busy_s()
-    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
+    foreign = _foreign_share(mark)
     return {
         "ratios": [o / f for o, f in zip(other_s, floor_s, strict=True)],
         "times_s": other_s,
@@ -225,8 +232,7 @@ def run_io(args: dict[str, Any]) -> dict[str, Any]:
     probe = models.make_inputs(1, 16)
     max_merge_diff = max_roundtrip_diff = 0.0
     b_changed = 0
-    busy0, own0 = _cpu_busy_s()
-    wall0 = time.perf_counter()
+    mark = _cpu_mark()
     with tempfile.TemporaryDirectory(prefix="lorakit-bench-") as tmp:
         for rep in range(warm + reps):
             timed = rep >= warm
@@ -271,9 +277,7 @@ def run_io(args: dict[str, Any]) -> dict[str, Any]:
                 diff = float((loaded(input_ids=probe).logits - saved_logits).abs().max())
             max_roundtrip_diff = max(max_roundtrip_diff, diff)
             del loaded, base, saved_logits
-    wall = time.perf_counter() - wall0
-    busy1, own1 = _cpu_busy_s()
-    foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall * (os.cpu_count() or 1), 1e-9)
+    foreign = _foreign_share(mark)
     return {
         "foreign_cpu_share": foreign,
         "merge_s": merge_s,

@@ -166,6 +166,23 @@ def test_inference_fast_path_equals_training_path() -> None:
     torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("tokens", [2, 5])  # 2 x 2 tokens: the add path; 2 x 5: the transient effective weight
+def test_inference_paths_equal_the_definition(transposed: bool, tokens: int) -> None:
+    from lorakit.ops.lora import effective_weight_pays
+
+    x, w, bias, a, b, m = _tensors()
+    x = x[:, :tokens]
+    assert effective_weight_pays(2 * tokens, 10, 12) == (tokens == 5)
+    weight = w.t().contiguous() if transposed else w
+    layout = "kd" if transposed else "dk"
+    with torch.no_grad():
+        norm = dora_norm(row_norms_sq(weight, layout), weight, layout, a, b, 0.7)
+        got = dora_linear(x, weight, bias, a, b, m, norm, 0.7, 0.0, transposed=transposed)
+    torch.testing.assert_close(got, naive_dora(x, w, bias, a, b, m, 0.7), rtol=1e-10, atol=1e-10)
+    assert torch.equal(weight, w.t() if transposed else w)  # the base weight is untouched
+
+
 def test_norm_follows_in_place_changes_of_the_base_weight() -> None:
     """||W0_i||² is cached per weight version: an in-place edit of W0 must be seen."""
     layer = nn.Linear(8, 5)

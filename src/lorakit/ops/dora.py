@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import draw_dropout_bits, keep_mask
+from .lora import draw_dropout_bits, keep_mask, lora_linear_inference
 
 NORM_EPS = 1e-12  # n is clamped to this: a weight row of zeros gives c = m / eps (0 for m = 0), never NaN
 
@@ -174,6 +174,9 @@ def dora_linear(
         if dropout_p > 0.0:
             return None
         with torch.no_grad():  # inference: no autograd bookkeeping, nothing saved
+            out = lora_linear_inference(x, weight, bias, lora_A, lora_B, scale, transposed, magnitude / norm)
+            if out is not None:  # one GEMM with the transient weight m / n ⊙_row (W0 + s B A)
+                return out
             x2 = x.reshape(-1, x.shape[-1])
             out = x2 @ (weight if transposed else weight.t())
             out.addmm_(x2 @ lora_A.t(), lora_B.t(), alpha=scale)

@@ -289,9 +289,12 @@ def lora_linear_inference(
     lora_B: torch.Tensor,
     scale: float,
     transposed: bool = False,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Inference through an unmerged adapter as one GEMM with a transient W0 + s B A (the model's weights are
     untouched); None when the batch is too small for that to pay (`effective_weight_pays`), for the add path.
+
+    `row_scale` (d,), if given, multiplies each output row of the effective weight (DoRA's m / n).
     """
     k = x.shape[-1]
     d = weight.shape[1] if transposed else weight.shape[0]
@@ -299,8 +302,12 @@ def lora_linear_inference(
         return None
     if transposed:  # GPT-2 Conv1D: W0 is (k, d)
         w_eff = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scale)  # (k, d)
+        if row_scale is not None:
+            w_eff.mul_(row_scale)
         x2 = x.reshape(-1, k)
         out = torch.addmm(bias, x2, w_eff) if bias is not None else x2 @ w_eff
         return out.view(*x.shape[:-1], d)
     w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)  # (d, k)
+    if row_scale is not None:
+        w_eff.mul_(row_scale[:, None])
     return torch.nn.functional.linear(x, w_eff, bias)
