@@ -164,7 +164,45 @@ def run_qlora_train(args: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"qlora_train": run_qlora_train}
+def run_qlora_paired(args: dict[str, Any]) -> dict[str, Any]:
+    """lorakit's QLoRA (fp32 compute) and a reference (`args["reference"]`: 'peft-bnb' or 'lora') built in one
+    process, their training steps alternated (ABBA); per-pair ratios QLoRA / reference (the goals use them)."""
+    import time
+
+    torch = child._setup_torch(args["threads"])
+    hidden, seq = args["hidden"], args["seq"]
+    ref_name = args["reference"]
+    build_ref = _build_peft_bnb if ref_name.startswith("peft-bnb") else _build_lorakit
+    reference, _ = build_ref(ref_name, hidden, seq)
+    qlora, _ = _build_lorakit("qlora", hidden, seq)
+    ids = models.make_inputs(args["batch"], seq)
+
+    def step(model: Any) -> float:
+        t0 = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    for model in (reference, qlora):
+        model.train()
+        for _ in range(args["warmup"]):
+            step(model)
+    ref_s: list[float] = []
+    q_s: list[float] = []
+    mark = child._cpu_mark()
+    for i in range(args["pairs"]):
+        first, second = ((reference, ref_s), (qlora, q_s)) if i % 2 == 0 else ((qlora, q_s), (reference, ref_s))
+        first[1].append(step(first[0]))
+        second[1].append(step(second[0]))
+    return {"ratios": [q / r for q, r in zip(q_s, ref_s, strict=True)], "times_s": q_s, "reference_times_s": ref_s,
+            "foreign_cpu_share": child._foreign_share(mark), "threads": torch.get_num_threads()}
+
+
+KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "qlora_train": run_qlora_train,
+    "qlora_paired": run_qlora_paired,
+}
+PAIRED_REFERENCES = ("peft-bnb", "lora")  # QLoRA (fp32 compute) alternated with each of these in one process
 
 
 # -- orchestrator side ---------------------------------------------------------------------------------------------
@@ -176,6 +214,8 @@ def bench(s: Any, execute: Callable[..., None]) -> dict[str, Any]:
             "seq": sizes.seq, "warmup": s.warmup, "steps": sizes.steps}
     for rnd in range(sizes.rounds):
         jobs = [(c, {**base, "contestant": c}) for c in CONTESTANTS]
+        jobs += [(f"paired/{ref}", {**base, "kind": "qlora_paired", "reference": ref, "pairs": sizes.steps})
+                 for ref in PAIRED_REFERENCES]
         k = rnd % len(jobs)
         execute(jobs[k:] + jobs[:k], s, results)
     return {"settings": {**asdict(sizes), "warmup": s.warmup, "threads": s.threads}, "results": results}
@@ -233,6 +273,15 @@ def section(bench_dict: dict[str, Any], notes: list[str] | None = None) -> list[
         failed = [r for r in res.get(c, []) if not r.get("ok")]
         if failed:
             lines += ["", f"{LABELS[c]}: could not run: `{failed[0].get('error', 'unknown error')}`"]
+    paired = {ref: T.pooled(res.get(f"paired/{ref}", []), "ratios") for ref in PAIRED_REFERENCES}
+    if any(paired.values()):
+        lines += ["", "Paired (QLoRA fp32 compute and the reference built in one process, steps alternated ABBA, "
+                      "median of the per-pair ratios; the goals use these):", ""]
+        lines += T.table(["QLoRA / reference", "median", "IQR", "n", "other CPU"], [
+            [LABELS[ref], T.x(st_.get("median")), f"{st_['q1']:.3f}-{st_['q3']:.3f}" if st_ else "", str(st_.get("n", 0)),
+             T.busy(res.get(f"paired/{ref}", []))] for ref, st_ in paired.items()])
+    vs_lora = paired["lora"].get("median") if paired["lora"] else T.ratio(times["qlora"], times["lora"])
+    vs_peft = paired["peft-bnb"].get("median") if paired["peft-bnb"] else T.ratio(times["qlora"], times["peft-bnb"])
     fp32_bytes = _first(res.get("lora", []), "base_weight_bytes")
     nf4_bytes = _first(res.get("qlora", []), "base_weight_bytes")
     shrink = fp32_bytes / nf4_bytes if fp32_bytes and nf4_bytes else None
@@ -240,8 +289,7 @@ def section(bench_dict: dict[str, Any], notes: list[str] | None = None) -> list[
     lines += T.table(["goal", "measured", "target", "result"], [
         ["base weight bytes: fp32 / NF4", "n/a" if shrink is None else f"{shrink:.2f}x", f">= {GOAL_BYTES:.1f}x",
          T.pf(None if shrink is None else shrink >= GOAL_BYTES)],
-        T.goal("QLoRA (fp32 compute) / lorakit LoRA step", T.ratio(times["qlora"], times["lora"]), GOAL_VS_LORA),
-        T.goal("QLoRA (fp32 compute) / PEFT + bitsandbytes step", T.ratio(times["qlora"], times["peft-bnb"]),
-               GOAL_VS_PEFT),
+        T.goal("QLoRA (fp32 compute) / lorakit LoRA step", vs_lora, GOAL_VS_LORA),
+        T.goal("QLoRA (fp32 compute) / PEFT + bitsandbytes step", vs_peft, GOAL_VS_PEFT),
     ])
     return lines
