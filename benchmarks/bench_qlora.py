@@ -183,19 +183,10 @@ def run_qlora_paired(args: dict[str, Any]) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for model in (reference, qlora):
-        model.train()
-        for _ in range(args["warmup"]):
-            step(model)
-    ref_s: list[float] = []
-    q_s: list[float] = []
-    mark = child._cpu_mark()
-    for i in range(args["pairs"]):
-        first, second = ((reference, ref_s), (qlora, q_s)) if i % 2 == 0 else ((qlora, q_s), (reference, ref_s))
-        first[1].append(step(first[0]))
-        second[1].append(step(second[0]))
-    return {"ratios": [q / r for q, r in zip(q_s, ref_s, strict=True)], "times_s": q_s, "reference_times_s": ref_s,
-            "foreign_cpu_share": child._foreign_share(mark), "threads": torch.get_num_threads()}
+    reference.train()
+    qlora.train()
+    res = child.alternate_pairs(lambda: step(reference), lambda: step(qlora), args["warmup"], args["pairs"])
+    return {**res, "threads": torch.get_num_threads()}
 
 
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {

@@ -156,6 +156,35 @@ def run_train(args: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def alternate_pairs(
+    reference: Callable[[], float], other: Callable[[], float], warmup: int, pairs: int
+) -> dict[str, Any]:
+    """Warm both up, then time `pairs` back-to-back pairs in ABBA order (reference first in even pairs).
+
+    Each callable runs one step and returns its seconds. Returns the per-pair ratios other / reference, both
+    lists of times and the share of the CPUs other processes used meanwhile.
+    """
+    for _ in range(warmup):
+        reference()
+        other()
+    ref_s: list[float] = []
+    other_s: list[float] = []
+    mark = _cpu_mark()
+    for i in range(pairs):
+        if i % 2 == 0:
+            ref_s.append(reference())
+            other_s.append(other())
+        else:
+            other_s.append(other())
+            ref_s.append(reference())
+    return {
+        "ratios": [o / r for o, r in zip(other_s, ref_s, strict=True)],
+        "times_s": other_s,
+        "reference_times_s": ref_s,
+        "foreign_cpu_share": _foreign_share(mark),
+    }
+
+
 def run_paired(args: dict[str, Any]) -> dict[str, Any]:
     """A reference and one contestant built in the same process, their steps alternated (ABBA order).
 
@@ -183,27 +212,8 @@ def run_paired(args: dict[str, Any]) -> dict[str, Any]:
                 model(input_ids=ids)
         return time.perf_counter() - t0
 
-    for _ in range(args["warmup"]):
-        step(floor)
-        step(other)
-    floor_s: list[float] = []
-    other_s: list[float] = []
-    mark = _cpu_mark()
-    for i in range(args["pairs"]):
-        if i % 2 == 0:  # ABBA: FLOOR first in even pairs, the contestant first in odd ones
-            floor_s.append(step(floor))
-            other_s.append(step(other))
-        else:
-            other_s.append(step(other))
-            floor_s.append(step(floor))
-    foreign = _foreign_share(mark)
-    return {
-        "ratios": [o / f for o, f in zip(other_s, floor_s, strict=True)],
-        "times_s": other_s,
-        "floor_times_s": floor_s,
-        "foreign_cpu_share": foreign,
-        "threads": torch.get_num_threads(),
-    }
+    res = alternate_pairs(lambda: step(floor), lambda: step(other), args["warmup"], args["pairs"])
+    return {**res, "threads": torch.get_num_threads()}
 
 
 def run_infer(args: dict[str, Any]) -> dict[str, Any]:
