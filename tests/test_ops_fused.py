@@ -86,6 +86,45 @@ def test_large_batch_eval_forward_of_a_model_equals_the_add_path():
     torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_weight_function_equals_the_weight_and_is_called_once_per_pass(transposed, p):
+    """A quantised base passes W0 as a function (QLoRA): same values and gradients, W0 made in forward and again
+    in backward (nothing dense saved in between), and no gradient for it."""
+    torch.manual_seed(4)
+    k, d, r = 12, 10, 3
+    weight, bias = torch.randn((k, d) if transposed else (d, k)), torch.randn(d)
+    calls = []
+
+    def weight_fn():
+        calls.append(1)
+        return weight.clone()
+
+    results = []
+    for w in (weight, weight_fn):
+        x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        a = torch.randn(r, k, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        b = torch.randn(d, r, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+        torch.manual_seed(8)
+        saved: list[tuple[int, ...]] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            out = lora_linear(x, w, bias, a, b, 0.5, p, transposed, weight_dtype=torch.float32)
+        out.square().sum().backward()
+        results.append((out, x.grad, a.grad, b.grad, saved))
+    assert len(calls) == 2
+    assert tuple(weight.shape) not in results[1][4]
+    for got, ref in zip(results[1][:4], results[0][:4]):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # inference on 64 tokens: one GEMM with the sum made in the fresh W0
+        x = torch.randn(4, 16, k)
+        out = lora_linear(x, weight_fn, bias, a, b, 0.5, 0.0, transposed, weight_dtype=torch.float32)
+        w_dk = weight.t() if transposed else weight
+        torch.testing.assert_close(out, x @ w_dk.t() + bias + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        lora_linear(x, weight_fn, bias, a, b, 0.5)
+
+
 def _net() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))

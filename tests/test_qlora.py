@@ -67,9 +67,31 @@ def test_adapter_on_nf4_equals_dense_reference(extra):
         assert torch.allclose(grad, ref_grads[name], atol=1e-6, rtol=1e-4), name
 
 
-def test_only_adapters_train_and_no_dense_weight_is_held():
+def test_lora_on_nf4_runs_as_one_fused_op(monkeypatch):
+    """LoRA on an NF4Linear is one op (ops.lora.lora_linear with W0 dequantised on demand), not the base layer's
+    forward followed by the adapter; dropout draws the same masks as on a dense layer."""
+    import lorakit.layer_kinds as kinds
+
+    nf4, dense = _nf4_and_dense()
+    _attach_same((nf4, dense), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.2))
+    calls = []
+    real = kinds.lora_linear
+    monkeypatch.setattr(kinds, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(NF4Linear, "forward", lambda self, x: pytest.fail("NF4Linear.forward ran"))
+    ids = token_ids(2, 9)
+    outs = []
+    for model in (nf4, dense):
+        model.train()
+        torch.manual_seed(3)
+        outs.append(model(ids).logits)
+    assert len(calls) == 28  # 14 layers in each model
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_only_adapters_train_and_no_dense_weight_is_held(use_dora):
     nf4, _ = _nf4_and_dense(hidden=256)  # no NF4 weight shape equals the embedding's or the head's (vocab 64)
-    lorakit.attach(nf4, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    lorakit.attach(nf4, lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, dropout=0.1))
     nf4.train()
 
     def held(model):

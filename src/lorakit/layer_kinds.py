@@ -141,12 +141,19 @@ CONV = LayerKind(
     peft_keys=("lora_A.weight", "lora_B.weight"),
 )
 
-# quantised Linear layers: LINEAR's adapter geometry, no fused op (the adapter is added after the layer's own
-# forward, which dequantises), and a way to read the weight back
+def _nf4_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+    if type(base) is not NF4Linear:
+        return None
+    bias = None if base.bias is None else base.bias.to(base.compute_dtype)
+    return lora_linear(x, base.dequantize, bias, a, b, s, p, weight_dtype=base.compute_dtype)
+
+
+# quantised Linear layers: LINEAR's adapter geometry and a way to read the weight back. NF4Linear has a fused op
+# (W0 dequantised in forward and again in backward); bitsandbytes' Linear4bit runs its own forward, then the adapter
 NF4_LINEAR = replace(
     LINEAR,
     name="nf4_linear",
-    fused=None,
+    fused=_nf4_fused,
     dequantize=lambda m, dtype: m.dequantize(dtype),
     storage=lambda m: m.packed,
 )

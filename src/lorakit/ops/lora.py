@@ -12,6 +12,7 @@ whole frozen Linear layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -198,20 +199,27 @@ class _LoraLinear(torch.autograd.Function):
     Owning the base GEMM lets backward accumulate the adapter's input gradient into g W0 in place
     (one buffer, no separate N x k tensor for autograd to add). x is saved only when ∇A or ∇W0 needs it:
     with A frozen (LoRA-FA) backward keeps h = A x, not x.
+
+    `weight` may also be a function returning W0 (a quantised base, QLoRA): it is called in forward and again
+    in backward, so no dense copy of W0 lives between them, and W0 gets no gradient.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, transposed):  # noqa: ANN001
         k = x.shape[-1]
         x2 = x.reshape(-1, k)  # (N, k)
-        w = weight if transposed else weight.t()  # (k, d) view, no copy
+        lazy = callable(weight)
+        w0 = weight() if lazy else weight
+        w = w0 if transposed else w0.t()  # (k, d) view, no copy
         out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, d)
+        del w, w0  # a dequantised W0 is freed here
         bits, keep_prob = draw_dropout_bits(x2, dropout_p)
         coeff = scale / keep_prob
         h = _masked(x2, bits, keep_prob, x2.dtype) @ lora_A.t()  # (N, r)
         out.addmm_(h, lora_B.t(), alpha=coeff)
         x_kept = x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None  # only ∇W0, ∇A read x
-        ctx.save_for_backward(x_kept, weight, bits, h, lora_A, lora_B)
+        ctx.save_for_backward(x_kept, None if lazy else weight, bits, h, lora_A, lora_B)
+        ctx.weight_fn = weight if lazy else None
         ctx.coeff, ctx.keep_prob, ctx.transposed, ctx.has_bias = coeff, keep_prob, transposed, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -226,7 +234,9 @@ class _LoraLinear(torch.autograd.Function):
         mask = None if bits is None else keep_mask(bits, ctx.keep_prob, ctx.x_dtype)
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
-            gx = g @ (weight.t() if ctx.transposed else weight)  # (N, k): the base layer's input gradient
+            w0 = ctx.weight_fn() if ctx.weight_fn is not None else weight
+            gx = g @ (w0.t() if ctx.transposed else w0)  # (N, k): the base layer's input gradient
+            del w0
             if mask is None:
                 gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
             else:
@@ -247,24 +257,31 @@ class _LoraLinear(torch.autograd.Function):
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Callable[[], torch.Tensor],
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
     dropout_p: float = 0.0,
     transposed: bool = False,
+    weight_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """The whole adapted layer in one op: x W0ᵀ + b + s · B A dropout(x); `transposed` for (k, d) weights.
 
-    Returns None when the fused path does not apply (mixed dtypes, autocast, a small inference batch),
-    and the caller then uses the base layer followed by `lora_linear_add`.
+    `weight` is W0, or a function that returns it (a quantised base: called when needed, never kept, no
+    gradient), then with `weight_dtype`, the dtype it returns. Returns None when the fused path does not apply
+    (mixed dtypes, autocast, a small inference batch), and the caller then uses the base layer followed by
+    `lora_linear_add`.
     """
-    dtypes = {x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype} | ({bias.dtype} if bias is not None else set())
+    lazy = callable(weight)
+    if lazy and weight_dtype is None:
+        raise ValueError("lora_linear: a weight function needs weight_dtype")
+    w_dtype = weight_dtype if lazy else weight.dtype
+    dtypes = {x.dtype, w_dtype, lora_A.dtype, lora_B.dtype} | ({bias.dtype} if bias is not None else set())
     if len(dtypes) != 1 or torch.is_autocast_enabled(x.device.type):
         return None
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, lora_A, lora_B)
+        t is not None and t.requires_grad for t in (x, None if lazy else weight, bias, lora_A, lora_B)
     )
     if not needs_grad and dropout_p == 0.0:
         return lora_linear_inference(x, weight, bias, lora_A, lora_B, scale, transposed)
@@ -283,7 +300,7 @@ def effective_weight_pays(n_tokens: int, k: int, d: int) -> bool:
 
 def lora_linear_inference(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Callable[[], torch.Tensor],
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -294,20 +311,24 @@ def lora_linear_inference(
     """Inference through an unmerged adapter as one GEMM with a transient W0 + s B A (the model's weights are
     untouched); None when the batch is too small for that to pay (`effective_weight_pays`), for the add path.
 
-    `row_scale` (d,), if given, multiplies each output row of the effective weight (DoRA's m / n).
+    `row_scale` (d,), if given, multiplies each output row of the effective weight (DoRA's m / n). `weight` may be
+    a function returning W0 (a quantised base): it is called only when the sum pays, and the sum is made in place.
     """
     k = x.shape[-1]
-    d = weight.shape[1] if transposed else weight.shape[0]
+    d = lora_B.shape[0]
     if not effective_weight_pays(x.numel() // max(k, 1), k, d):
         return None
-    if transposed:  # GPT-2 Conv1D: W0 is (k, d)
-        w_eff = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scale)  # (k, d)
-        if row_scale is not None:
-            w_eff.mul_(row_scale)
+    if callable(weight):  # a fresh dequantised W0: add s B A into it in place
+        w_eff = weight()
+        w_eff.addmm_(*((lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)), alpha=scale)
+    elif transposed:  # GPT-2 Conv1D: W0 is (k, d)
+        w_eff = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scale)
+    else:
+        w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)  # (d, k)
+    if row_scale is not None:
+        w_eff.mul_(row_scale if transposed else row_scale[:, None])
+    if transposed:
         x2 = x.reshape(-1, k)
         out = torch.addmm(bias, x2, w_eff) if bias is not None else x2 @ w_eff
         return out.view(*x.shape[:-1], d)
-    w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)  # (d, k)
-    if row_scale is not None:
-        w_eff.mul_(row_scale[:, None])
     return torch.nn.functional.linear(x, w_eff, bias)
