@@ -64,7 +64,7 @@ def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, 
     if x2.device.type == "cpu":
         n = x2.numel()
         level = round(p * 65536)  # P(keep) = 1 - level / 65536
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full range: no modulo
         return bits.view(torch.int16)[:n].view(x2.shape), 1.0 - level / 65536
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p), 1.0 - p
 
