@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lorakit
+from lorakit.ops import native
 from lorakit.ops.lora import effective_weight_pays, lora_linear
 
 
@@ -167,6 +168,36 @@ def test_cpu_keep_mask_drops_at_rate_p_in_every_slot(p):
         sigma = (p * (1 - p) / dropped[slot::4].numel()) ** 0.5
         assert abs(rate - p) < 5 * sigma, (slot, rate)
     assert (~keep).any(dim=1).all()  # no structured all-kept rows
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: only the stored-mask path exists")
+@pytest.mark.parametrize("needs_x_grad", [True, False])
+def test_fused_dropout_stores_no_mask_and_equals_the_stored_mask_path(monkeypatch, needs_x_grad):
+    """fp32 on the CPU: the mask is drawn and applied in one pass and made again in backward from its key, so
+    nothing mask-sized is saved; values and gradients equal the stored-mask path's under the same seed."""
+    torch.manual_seed(5)
+    k, d, r = 96, 80, 4
+    weight, bias = torch.randn(d, k), torch.randn(d)
+    x0, a0, b0 = torch.randn(3, 50, k), torch.randn(r, k), torch.randn(d, r)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(native, "fused_dropout_applies", lambda x: False)
+        x = x0.clone().requires_grad_(needs_x_grad)
+        a, b = a0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        torch.manual_seed(6)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            out = lora_linear(x, weight, bias, a, b, 0.5, 0.3)
+        out.square().sum().backward()
+        masks = [t for t in saved if t.dtype == torch.int16]
+        assert (not masks) if fused else masks  # the stored path keeps 2 bytes per element of x
+        results.append((out, x.grad, a.grad, b.grad))
+    for got, ref in zip(*results):
+        if ref is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 def test_keep_mask_is_none_without_dropout():

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from . import native
+
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """s = alpha / r (LoRA, section 4.1), or alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023, arXiv 2312.03732)."""
@@ -55,8 +57,9 @@ def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, 
     """The random draw behind dropout's mask for x2, and the exact keep probability; (None, 1) for p = 0.
 
     The draw is what backward saves (2 bytes per element on the CPU, 1 elsewhere); `keep_mask` turns it into
-    the 0/1 mask. On the CPU it is 16-bit uniforms carved out of full-range 64-bit draws (four elements per
-    draw, 4x cheaper than bernoulli_): p is realised exactly to 1/65536 and the returned keep probability is
+    the 0/1 mask. On the CPU it is 16-bit uniforms carved out of uniform 64-bit words (four elements per word)
+    from the compiled Philox4x32-10 generator (`ops.native`), or from PyTorch's generator without a C compiler
+    (4x cheaper than bernoulli_ even so): p is realised exactly to 1/65536 and the returned keep probability is
     the realised one, so the 1/keep rescaling stays unbiased. Elsewhere it is a bool mask from bernoulli_.
     """
     if p <= 0.0:
@@ -64,7 +67,9 @@ def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, 
     if x2.device.type == "cpu":
         n = x2.numel()
         level = round(p * 65536)  # P(keep) = 1 - level / 65536
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full range: no modulo
+        bits = native.random_words((n + 3) // 4)  # Philox4x32-10, compiled; None without a C compiler
+        if bits is None:
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full range: no modulo
         return bits.view(torch.int16)[:n].view(x2.shape), 1.0 - level / 65536
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p), 1.0 - p
 
@@ -213,13 +218,22 @@ class _LoraLinear(torch.autograd.Function):
         w = w0 if transposed else w0.t()  # (k, d) view, no copy
         out = torch.addmm(bias, x2, w) if bias is not None else x2 @ w  # (N, d)
         del w, w0  # a dequantised W0 is freed here
-        bits, keep_prob = draw_dropout_bits(x2, dropout_p)
+        key = threshold = None
+        if dropout_p > 0.0 and native.fused_dropout_applies(x2):  # mask drawn and applied in one pass, not stored
+            key, level = native.draw_key(), round(dropout_p * 65536)
+            bits, keep_prob, threshold = None, 1.0 - level / 65536, level - 32768
+            xin = native.dropout_mul(x2, key, threshold)
+        else:
+            bits, keep_prob = draw_dropout_bits(x2, dropout_p)
+            xin = _masked(x2, bits, keep_prob, x2.dtype)
         coeff = scale / keep_prob
-        h = _masked(x2, bits, keep_prob, x2.dtype) @ lora_A.t()  # (N, r)
+        h = xin @ lora_A.t()  # (N, r)
+        del xin
         out.addmm_(h, lora_B.t(), alpha=coeff)
         x_kept = x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None  # only ∇W0, ∇A read x
         ctx.save_for_backward(x_kept, None if lazy else weight, bits, h, lora_A, lora_B)
         ctx.weight_fn = weight if lazy else None
+        ctx.key, ctx.threshold = key, threshold  # the fused dropout's mask is made again from its key
         ctx.coeff, ctx.keep_prob, ctx.transposed, ctx.has_bias = coeff, keep_prob, transposed, bias is not None
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -232,24 +246,33 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, d)  # (N, d)
         gh = (g @ lora_B).mul_(coeff)  # (N, r)
         mask = None if bits is None else keep_mask(bits, ctx.keep_prob, ctx.x_dtype)
+        key, threshold = ctx.key, ctx.threshold
+        x2 = None if x is None else x.reshape(-1, k)
+        x_dropped = None  # x ⊙ keep for ∇A, when the fused dropout's backward has made it
         grad_x = grad_w = grad_bias = grad_A = grad_B = None
         if ctx.needs_input_grad[0]:
             w0 = ctx.weight_fn() if ctx.weight_fn is not None else weight
             gx = g @ (w0.t() if ctx.transposed else w0)  # (N, k): the base layer's input gradient
             del w0
-            if mask is None:
+            if key is not None:  # gx += (gh A) ⊙ keep and, in the same pass, gh A <- x ⊙ keep for ∇A
+                x_dropped = gh @ lora_A
+                native.dropout_backward(gx, x_dropped, x2 if ctx.needs_input_grad[3] else None, key, threshold)
+            elif mask is None:
                 gx.addmm_(gh, lora_A)  # + the adapter's, accumulated in place
             else:
                 gx.addcmul_(gh @ lora_A, mask)
             grad_x = gx.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:  # a trainable base weight (not LoRA's case, but keep autograd's contract)
-            gw = g.t() @ x.reshape(-1, k)  # (d, k)
+            gw = g.t() @ x2  # (d, k)
             grad_w = gw.t() if ctx.transposed else gw
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, k)
-            grad_A = gh.t() @ (x2 if mask is None else mask.mul_(x2))  # (r, k); the mask is not needed after this
+            if key is not None:
+                xin = x_dropped if x_dropped is not None else native.dropout_mul(x2, key, threshold)
+            else:
+                xin = x2 if mask is None else mask.mul_(x2)  # the mask is not needed after this
+            grad_A = gh.t() @ xin  # (r, k)
         if ctx.needs_input_grad[4]:
             grad_B = (g.t() @ h).mul_(coeff)  # (d, r)
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None

@@ -1,0 +1,257 @@
+"""A fast counter-based random generator for dropout draws on the CPU: Philox4x32-10, compiled on first use.
+
+PyTorch's CPU generator (mt19937) produces about one 32-bit value per 1.6 ns on one thread, and dropout on
+every adapted layer's input needs N x k draws per layer and step: the largest cost of LoRA dropout on a CPU.
+Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3"; the generator behind
+PyTorch's, JAX's and TensorFlow's dropout on GPUs) maps a 128-bit counter and a 64-bit key to 128 random
+bits with ten rounds of 32-bit multiplies, so a C loop over counters vectorises and splits over threads
+without changing the values: per 720,896 words (2.9 M dropout elements) it takes 0.97 ms on one thread and
+0.50 ms on two here (AVX-512), against 3.1 ms for PyTorch's generator.
+
+The C source below is compiled once with the system's C compiler into a cache directory
+(`$LORAKIT_CACHE`, default `~/.cache/lorakit`) and loaded with ctypes; no PyTorch headers are needed, so the build
+takes well under a second. Without a compiler, when the build fails, or with `LORAKIT_NATIVE=0`,
+`random_words` returns None and callers use PyTorch's generator. Keys come from PyTorch's default generator,
+so `torch.manual_seed` makes the draws reproducible; they do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = r"""
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TILE 64  /* blocks per tile: 4 x 64 words, 1 KiB */
+
+/* One Philox4x32-10 round (Salmon, Moraes, Dror, Shaw, SC'11; Random123's philox4x32round). */
+#define ROUND(ka, kb) do {                                                         \
+        uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2; \
+        uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ (ka);                            \
+        uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ (kb);                            \
+        c0 = n0; c1 = (uint32_t)p1; c2 = n2; c3 = (uint32_t)p0;                    \
+    } while (0)
+
+#ifdef LORAKIT_CLONES  /* x86-64: one copy per vector ISA, picked at load time (no -march=native in a cache) */
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+
+/* The stream: tile t holds blocks t*TILE .. t*TILE+TILE-1 (block i: counter = i as two 32-bit words, then 0, 0;
+   key = (k0, k1)), stored planar within the tile: word w of block t*TILE+b is at tile[w * TILE + b]. Planar
+   stores keep the loop over blocks vectorised. */
+CLONES static void tile_words(uint32_t *restrict tile, uint64_t t, uint32_t k0, uint32_t k1) {
+    uint32_t ka[10], kb[10];  /* the key bumped by the Weyl constants before rounds 2..10 */
+    for (int r = 0; r < 10; r++) {
+        ka[r] = k0 + (uint32_t)r * 0x9E3779B9u;
+        kb[r] = k1 + (uint32_t)r * 0xBB67AE85u;
+    }
+    for (int b = 0; b < TILE; b++) {
+        uint64_t j = t * TILE + (uint64_t)b;
+        uint32_t c0 = (uint32_t)j, c1 = (uint32_t)(j >> 32), c2 = 0u, c3 = 0u;
+        ROUND(ka[0], kb[0]); ROUND(ka[1], kb[1]); ROUND(ka[2], kb[2]); ROUND(ka[3], kb[3]); ROUND(ka[4], kb[4]);
+        ROUND(ka[5], kb[5]); ROUND(ka[6], kb[6]); ROUND(ka[7], kb[7]); ROUND(ka[8], kb[8]); ROUND(ka[9], kb[9]);
+        tile[b] = c0; tile[TILE + b] = c1; tile[2 * TILE + b] = c2; tile[3 * TILE + b] = c3;
+    }
+}
+
+/* Run the statements for tiles 0..ntiles-1 over nthreads OpenMP threads (PyTorch's runtime once torch is loaded).
+   The stream is counter-based, so no result depends on nthreads. */
+#ifdef _OPENMP
+#define FOR_TILES(ntiles, nthreads, ...) do {                                           \
+        _Pragma("omp parallel for num_threads(nthreads) schedule(static)")              \
+        for (int64_t t = 0; t < (ntiles); t++) { __VA_ARGS__; }                         \
+    } while (0)
+#else
+#define FOR_TILES(ntiles, nthreads, ...) do {                                           \
+        (void)(nthreads); for (int64_t t = 0; t < (ntiles); t++) { __VA_ARGS__; }       \
+    } while (0)
+#endif
+
+/* The first ntiles tiles of the stream: 4 * TILE * ntiles words. */
+void lorakit_philox_fill(uint32_t *restrict out, int64_t ntiles, uint32_t k0, uint32_t k1, int nthreads) {
+    FOR_TILES(ntiles, nthreads, tile_words(out + t * 4 * TILE, (uint64_t)t, k0, k1));
+}
+
+/* Dropout from the stream read as int16 values u_e (element e: half e % 2 of word e / 2): element e is kept iff
+   u_e >= threshold, the rule of ops.lora.keep_mask. Each tile covers 8 * TILE elements. */
+CLONES static void drop_tile(float *restrict out, const float *restrict x, int64_t lo, int64_t hi,
+                             const int16_t *restrict u, int16_t threshold) {
+    for (int64_t e = lo; e < hi; e++) out[e] = u[e - lo] >= threshold ? x[e] : 0.0f;
+}
+
+CLONES static void drop_backward_tile(float *restrict gx, float *restrict g_in, const float *restrict x,
+                                      int64_t lo, int64_t hi, const int16_t *restrict u, int16_t threshold) {
+    for (int64_t e = lo; e < hi; e++) {
+        int keep = u[e - lo] >= threshold;
+        if (gx) gx[e] += keep ? g_in[e] : 0.0f;
+        if (x) g_in[e] = keep ? x[e] : 0.0f;
+    }
+}
+
+/* out = x * keep (n floats). */
+void lorakit_dropout(float *restrict out, const float *restrict x, int64_t n, uint32_t k0, uint32_t k1,
+                     int16_t threshold, int nthreads) {
+    int64_t per = 8 * TILE, ntiles = (n + per - 1) / per;
+    FOR_TILES(ntiles, nthreads, {
+        uint32_t tile[4 * TILE];
+        tile_words(tile, (uint64_t)t, k0, k1);
+        int64_t lo = t * per, hi = lo + per < n ? lo + per : n;
+        drop_tile(out, x, lo, hi, (const int16_t *)tile, threshold);
+    });
+}
+
+/* Backward of y = (x * keep) A^T given g_in = grad_y A (n floats, overwritten): gx += g_in * keep (if gx), then
+   g_in = x * keep (if x), the input of grad_A = grad_y^T (x * keep). One pass, the mask made again from the key. */
+void lorakit_dropout_backward(float *restrict gx, float *restrict g_in, const float *restrict x, int64_t n,
+                              uint32_t k0, uint32_t k1, int16_t threshold, int nthreads) {
+    int64_t per = 8 * TILE, ntiles = (n + per - 1) / per;
+    FOR_TILES(ntiles, nthreads, {
+        uint32_t tile[4 * TILE];
+        tile_words(tile, (uint64_t)t, k0, k1);
+        int64_t lo = t * per, hi = lo + per < n ? lo + per : n;
+        drop_backward_tile(gx, g_in, x, lo, hi, (const int16_t *)tile, threshold);
+    });
+}
+"""
+
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
+_UNSET = object()
+_lib: object = _UNSET
+_lock = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LORAKIT_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit"
+
+
+def _build() -> ctypes.CDLL:
+    """Compile the source (once per source, compiler and flags) and load it. Raises OSError on any failure."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise OSError("no C compiler found (set CC)")
+    digest = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS)).encode()).hexdigest()[:16]
+    cache = _cache_dir()
+    library = cache / f"philox-{digest}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: never a half-written .so
+            source, built = Path(tmp) / "philox.c", Path(tmp) / "philox.so"
+            source.write_text(_SOURCE)
+            errors = []
+            # OpenMP and per-ISA clones where the compiler has them (GCC on x86-64), else without
+            for extra in (("-fopenmp", "-DLORAKIT_CLONES"), ("-fopenmp",), ("-DLORAKIT_CLONES",), ()):
+                try:
+                    subprocess.run([compiler, *_FLAGS, *extra, str(source), "-o", str(built)], check=True,
+                                   capture_output=True, timeout=120)
+                    break
+                except (subprocess.SubprocessError, OSError) as exc:
+                    detail = getattr(exc, "stderr", b"") or b""
+                    errors.append(f"{exc} {detail.decode(errors='replace')[-300:]}")
+            else:
+                raise OSError(f"{compiler} failed: {' | '.join(errors)}")
+            os.replace(built, library)
+    lib = ctypes.CDLL(str(library))
+    u32, i64, ptr = ctypes.c_uint32, ctypes.c_int64, ctypes.c_void_p
+    lib.lorakit_philox_fill.argtypes = [ptr, i64, u32, u32, ctypes.c_int]
+    lib.lorakit_dropout.argtypes = [ptr, ptr, i64, u32, u32, ctypes.c_int16, ctypes.c_int]
+    lib.lorakit_dropout_backward.argtypes = [ptr, ptr, ptr, i64, u32, u32, ctypes.c_int16, ctypes.c_int]
+    for fn in (lib.lorakit_philox_fill, lib.lorakit_dropout, lib.lorakit_dropout_backward):
+        fn.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled generator, or None (disabled by LORAKIT_NATIVE=0, or it could not be built: warned once)."""
+    global _lib
+    if _lib is _UNSET:
+        with _lock:
+            if _lib is _UNSET:
+                if os.environ.get("LORAKIT_NATIVE", "1") == "0":
+                    _lib = None
+                else:
+                    try:
+                        _lib = _build()
+                    except OSError as exc:
+                        warnings.warn(f"lorakit: the native dropout generator is unavailable ({exc}); "
+                                      "using PyTorch's generator instead (slower)", RuntimeWarning, stacklevel=2)
+                        _lib = None
+    return _lib  # type: ignore[return-value]
+
+
+TILE = 64  # blocks per tile of the stream (see the C source)
+
+
+def _key_halves(key: int) -> tuple[int, int]:
+    return key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
+
+
+def draw_key() -> int:
+    """A 64-bit Philox key from PyTorch's default generator (so torch.manual_seed fixes every draw)."""
+    return int(torch.empty((), dtype=torch.int64).random_(-(2**63), None)) & 0xFFFFFFFFFFFFFFFF
+
+
+def stream(n_words: int, key: int, threads: int | None = None) -> torch.Tensor | None:
+    """The first n_words 64-bit words of the Philox4x32-10 stream under `key` (int64; tiles of TILE blocks, each
+    stored planar: see the C source), or None without the compiled generator. `threads` (default
+    torch.get_num_threads()) changes only the speed, never the values."""
+    lib = library()
+    if lib is None:
+        return None
+    per_tile = 2 * TILE  # 64-bit words per tile
+    ntiles = (n_words + per_tile - 1) // per_tile
+    out = torch.empty(ntiles * per_tile, dtype=torch.int64)
+    if ntiles:
+        lib.lorakit_philox_fill(out.data_ptr(), ntiles, *_key_halves(key), threads or torch.get_num_threads())
+    return out[:n_words]
+
+
+def random_words(n: int) -> torch.Tensor | None:
+    """n uniform int64 values (every bit uniform) from Philox4x32-10 under a fresh key from PyTorch's default
+    generator, or None without the compiled generator."""
+    if library() is None:
+        return None
+    return stream(n, draw_key())
+
+
+def fused_dropout_applies(x: torch.Tensor) -> bool:
+    """Whether `dropout_mul` / `dropout_backward` take x: a contiguous fp32 CPU tensor, and the library loaded."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and library() is not None
+
+
+def dropout_mul(x: torch.Tensor, key: int, threshold: int) -> torch.Tensor:
+    """x ⊙ keep (a new tensor) in one pass, keep_e = (int16 value e of `stream(.., key)`) >= threshold: the mask
+    keep_mask would make from those words. x: see `fused_dropout_applies`."""
+    out = torch.empty_like(x)
+    library().lorakit_dropout(out.data_ptr(), x.data_ptr(), x.numel(), *_key_halves(key), threshold,
+                              torch.get_num_threads())
+    return out
+
+
+def dropout_backward(grad_x: torch.Tensor | None, g_in: torch.Tensor, x: torch.Tensor | None, key: int,
+                     threshold: int) -> None:
+    """In one pass, with the mask of `dropout_mul(x, key, threshold)` made again: grad_x += g_in ⊙ keep (if
+    grad_x is given), then g_in = x ⊙ keep (if x is given). All contiguous fp32 CPU tensors of one size."""
+    for t in (grad_x, x):
+        if t is not None and t.numel() != g_in.numel():
+            raise ValueError(f"dropout_backward: sizes differ ({t.numel()} vs {g_in.numel()})")
+    library().lorakit_dropout_backward(0 if grad_x is None else grad_x.data_ptr(), g_in.data_ptr(),
+                                       0 if x is None else x.data_ptr(), g_in.numel(), *_key_halves(key),
+                                       threshold, torch.get_num_threads())
