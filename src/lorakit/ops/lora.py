@@ -6,7 +6,8 @@
 `lora_linear_add` adds the adapter branch into the base layer's output in place. Its backward keeps only
 a reference to x (none when A is frozen, as in LoRA-FA), dropout's random draw (2 bytes per element on the CPU,
 1 elsewhere) and h = A x (r values per token): never a copy of dropout(x). `lora_linear` does the same for a
-whole frozen Linear layer.
+whole frozen Linear layer; for fp32 on the CPU it stores no draw at all, only the 64-bit key from which backward
+makes the mask again (`ops.native`).
 """
 
 from __future__ import annotations
