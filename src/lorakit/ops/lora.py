@@ -54,6 +54,13 @@ def realised_drop_probability(p: float, device: torch.device | str = "cpu") -> f
     return round(p * 65536) / 65536 if torch.device(device).type == "cpu" else p
 
 
+def cpu_keep_rule(p: float) -> tuple[float, int]:
+    """CPU dropout's rule for drop probability p: (the exact keep probability, the int16 threshold). A uniform int16
+    draw u keeps its element iff u >= threshold; threshold = level - 32768 with level = round(65536 p)."""
+    level = round(p * 65536)
+    return 1.0 - level / 65536, level - 32768
+
+
 def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, float]:
     """The random draw behind dropout's mask for x2, and the exact keep probability; (None, 1) for p = 0.
 
@@ -67,25 +74,24 @@ def draw_dropout_bits(x2: torch.Tensor, p: float) -> tuple[torch.Tensor | None, 
         return None, 1.0
     if x2.device.type == "cpu":
         n = x2.numel()
-        level = round(p * 65536)  # P(keep) = 1 - level / 65536
         bits = native.random_words((n + 3) // 4)  # Philox4x32-10, compiled; None without a C compiler
         if bits is None:
             bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full range: no modulo
-        return bits.view(torch.int16)[:n].view(x2.shape), 1.0 - level / 65536
+        return bits.view(torch.int16)[:n].view(x2.shape), cpu_keep_rule(p)[0]
     return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p), 1.0 - p
 
 
 def keep_mask(bits: torch.Tensor, keep_prob: float, dtype: torch.dtype) -> torch.Tensor:
     """Dropout's keep mask (1 = kept, 0 = dropped) in `dtype`, a new tensor, from `draw_dropout_bits`'s draw.
 
-    CPU draws are uniform int16 values u; an element is kept iff u >= level - 32768, level = 65536 (1 - keep).
-    The test runs as arithmetic in fp32 (u + 32769 - level, clamped to [0, 1], is exactly 0 or 1): converting
+    CPU draws are uniform int16 values u; an element is kept iff u >= threshold (`cpu_keep_rule`).
+    The test runs as arithmetic in fp32 (u + 1 - threshold, clamped to [0, 1], is exactly 0 or 1): converting
     int16 to float and clamping are vectorised, whereas comparisons into bool and bool-to-float casts are not.
     """
     if bits.dtype == torch.bool:
         return bits.to(dtype)
-    level = round((1.0 - keep_prob) * 65536)
-    mask = bits.to(torch.float32).add_(32769 - level).clamp_(0.0, 1.0)
+    threshold = cpu_keep_rule(1.0 - keep_prob)[1]
+    mask = bits.to(torch.float32).add_(1 - threshold).clamp_(0.0, 1.0)
     return mask if dtype == torch.float32 else mask.to(dtype)
 
 
@@ -221,8 +227,8 @@ class _LoraLinear(torch.autograd.Function):
         del w, w0  # a dequantised W0 is freed here
         key = threshold = None
         if dropout_p > 0.0 and native.fused_dropout_applies(x2):  # mask drawn and applied in one pass, not stored
-            key, level = native.draw_key(), round(dropout_p * 65536)
-            bits, keep_prob, threshold = None, 1.0 - level / 65536, level - 32768
+            key, bits = native.draw_key(), None
+            keep_prob, threshold = cpu_keep_rule(dropout_p)
             xin = native.dropout_mul(x2, key, threshold)
         else:
             bits, keep_prob = draw_dropout_bits(x2, dropout_p)
