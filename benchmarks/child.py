@@ -46,6 +46,11 @@ def maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (each: a fresh page mapped in and zeroed by the kernel)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def reset_peak() -> bool:
     """Reset the RSS high-water mark (Linux >= 4.0); False if not possible."""
     try:
@@ -102,16 +107,20 @@ def _measure_steps(
     for i in range(max(warmup, 1 if first else 0)):
         (first if (i == 0 and first is not None) else step)()
     times: list[float] = []
+    faults: list[int] = []
     mark = _cpu_mark()
     for _ in range(steps):
+        f0 = minor_faults()
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        faults.append(minor_faults() - f0)
     own_s = _cpu_busy_s()[1] - mark[1]
     foreign = _foreign_share(mark)
     peak = maxrss_mb()
     return {
         "times_s": times,
+        "faults_per_step": faults,
         "baseline_rss_mb": baseline,
         "build_peak_rss_mb": build_peak,
         "peak_rss_mb": peak,
@@ -169,18 +178,27 @@ def alternate_pairs(
         other()
     ref_s: list[float] = []
     other_s: list[float] = []
+    faults: dict[str, list[int]] = {"ref": [], "other": []}
+
+    def timed(side: str, fn: Callable[[], float], into: list[float]) -> None:
+        f0 = minor_faults()
+        into.append(fn())
+        faults[side].append(minor_faults() - f0)
+
     mark = _cpu_mark()
     for i in range(pairs):
         if i % 2 == 0:
-            ref_s.append(reference())
-            other_s.append(other())
+            timed("ref", reference, ref_s)
+            timed("other", other, other_s)
         else:
-            other_s.append(other())
-            ref_s.append(reference())
+            timed("other", other, other_s)
+            timed("ref", reference, ref_s)
     return {
         "ratios": [o / r for o, r in zip(other_s, ref_s, strict=True)],
         "times_s": other_s,
         "reference_times_s": ref_s,
+        "faults_per_step": faults["other"],
+        "reference_faults_per_step": faults["ref"],
         "foreign_cpu_share": _foreign_share(mark),
     }
 

@@ -59,11 +59,13 @@ def _train_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
         f"alternated (ABBA order, {s.get('train_pairs', '?')} pairs per child, one child per round), so a slow "
         "phase of this shared 2-core machine hits both sides of a pair; 'paired x FLOOR' is the median of the "
         "per-pair ratios over all rounds (IQR in brackets). 'x FLOOR' divides the medians of separate processes, "
-        "which also gives the memory figures.",
+        "which also gives the memory figures. 'page faults / step' is the median count of minor page faults "
+        "per timed step in those processes (pages the kernel mapped in and zeroed; see README, 'Memory reuse "
+        "on the CPU').",
         "",
     ]
     header = ["H", "dropout", "contestant", "median ms", "IQR ms", "min-max ms", "n", "x FLOOR", "paired x FLOOR"]
-    header += ["x PEFT", "peak mem MiB", "trainable params", "other CPU"]
+    header += ["x PEFT", "peak mem MiB", "page faults / step", "trainable params", "other CPU"]
     rows: list[list[str]] = []
     goals: list[list[str]] = []
     for hidden in s["train_hiddens"]:
@@ -88,6 +90,7 @@ def _train_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
                         "",
                         t.x(t.ratio(floor, pf)),
                         t.mem(floor_runs)[0],
+                        t.faults(floor_runs),
                         "0",
                         t.busy(floor_runs),
                     ]
@@ -105,6 +108,7 @@ def _train_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
                             _paired_cell(pair),
                             t.x(t.ratio(st, pf)),
                             t.mem(runs)[0],
+                            t.faults(runs),
                             trainable,
                             t.busy(runs),
                         ]

@@ -76,3 +76,9 @@ def busy(runs: list[dict[str, Any]]) -> str:
     """Max share of the CPUs other processes used while these runs were timing ('' if unknown)."""
     vals = [r["foreign_cpu_share"] for r in ok(runs) if "foreign_cpu_share" in r]
     return f"{max(vals):.0%}" if vals else ""
+
+
+def faults(runs: list[dict[str, Any]]) -> str:
+    """Median minor page faults per timed step over a row's children ('' for runs made before they were counted)."""
+    values = [f for r in ok(runs) for f in r.get("faults_per_step", [])]
+    return f"{stats(values)['median']:.0f}" if values else ""
