@@ -279,9 +279,9 @@ class _LoraLinear(torch.autograd.Function):
                 xin = x_dropped if x_dropped is not None else native.dropout_mul(x2, key, threshold)
             else:
                 xin = x2 if mask is None else mask.mul_(x2)  # the mask is not needed after this
-            grad_A = gh.t() @ xin  # (r, k)
+            grad_A = native.at_b(gh, xin)  # (r, k) = ghᵀ xin
         if ctx.needs_input_grad[4]:
-            grad_B = (g.t() @ h).mul_(coeff)  # (d, r)
+            grad_B = native.at_b(h, g).mul_(coeff).t()  # (d, r) = (hᵀ g)ᵀ
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
 
 

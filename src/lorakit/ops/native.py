@@ -1,4 +1,4 @@
-"""A fast counter-based random generator for dropout draws on the CPU: Philox4x32-10, compiled on first use.
+"""Compiled CPU kernels for the adapter's hot spots, built on first use: Philox4x32-10 dropout and a^T b.
 
 PyTorch's CPU generator (mt19937) produces about one 32-bit value per 1.6 ns on one thread, and dropout on
 every adapted layer's input needs N x k draws per layer and step: the largest cost of LoRA dropout on a CPU.
@@ -8,11 +8,17 @@ bits with ten rounds of 32-bit multiplies, so a C loop over counters vectorises 
 without changing the values: per 720,896 words (2.9 M dropout elements) it takes 0.97 ms on one thread and
 0.50 ms on two here (AVX-512), against 3.1 ms for PyTorch's generator.
 
+The adapter's weight gradients, grad A = gh^T x (r x k) and grad B^T = h^T g (r x d), are reductions over the
+N tokens into a rank-r result; BLAS runs that shape at a third of its GEMM speed. `at_b` streams the tall
+operand once through a register-blocked kernel: 2.3-2.8x faster than MKL's when the operands are in cache and
+1.2-2x when they come from memory (N = 1024, r = 16, k = 512 to 2816, 2 threads).
+
 The C source below is compiled once with the system's C compiler into a cache directory
 (`$LORAKIT_CACHE`, default `~/.cache/lorakit`) and loaded with ctypes; no PyTorch headers are needed, so the build
-takes well under a second. Without a compiler, when the build fails, or with `LORAKIT_NATIVE=0`,
-`random_words` returns None and callers use PyTorch's generator. Keys come from PyTorch's default generator,
-so `torch.manual_seed` makes the draws reproducible; they do not depend on the number of threads.
+takes about a second. Without a compiler, when the build fails, or with `LORAKIT_NATIVE=0`, `random_words`
+returns None and callers use PyTorch's generator, and `at_b` uses PyTorch's matmul. Keys come from PyTorch's
+default generator, so `torch.manual_seed` makes the draws reproducible; they do not depend on the number of
+threads.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -127,6 +134,72 @@ void lorakit_dropout_backward(float *restrict gx, float *restrict g_in, const fl
         drop_backward_tile(gx, g_in, x, lo, hi, (const int16_t *)tile, threshold);
     });
 }
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+/* a^T b for a tall, thin a (n, r) and b (n, k): the weight gradients of a rank-r adapter (grad A = gh^T x,
+   grad B^T = h^T g). BLAS libraries run this reduction over n at a fraction of their GEMM speed. Here each thread
+   owns 64-column blocks of out (no reduction between threads) and keeps a 4 x 64 block of out in 16 vector
+   registers while it streams 256 rows of b through them; b is read once from memory, the other row blocks of out
+   re-read it from cache. */
+#define CB 64   /* columns per block: 4 vectors of 16 floats */
+#define RB 4    /* rows of out per register block */
+#define TB 256  /* rows of a and b per pass */
+
+/* out[i0..i0+rb, j0..j0+64] (+)= a[t0..t1, i0..]^T b[t0..t1, j0..j0+64], full 64-column block */
+CLONES static void block_full(float *restrict out, const float *restrict a, const float *restrict b,
+                              int64_t r, int64_t k, int64_t i0, int rb, int64_t j0, int64_t t0, int64_t t1, int first) {
+    v16 acc[RB][4];
+    for (int ii = 0; ii < RB; ii++)
+        for (int q = 0; q < 4; q++) {
+            if (ii < rb && !first) acc[ii][q] = *(const v16u *)(out + (i0 + ii) * k + j0 + 16 * q);
+            else acc[ii][q] = (v16){0};
+        }
+    for (int64_t t = t0; t < t1; t++) {
+        const float *br = b + t * k + j0;
+        v16 b0 = *(const v16u *)br, b1 = *(const v16u *)(br + 16), b2 = *(const v16u *)(br + 32), b3 = *(const v16u *)(br + 48);
+        const float *ar = a + t * r + i0;
+        for (int ii = 0; ii < RB; ii++) {
+            float s = ii < rb ? ar[ii] : 0.0f;
+            acc[ii][0] += s * b0; acc[ii][1] += s * b1; acc[ii][2] += s * b2; acc[ii][3] += s * b3;
+        }
+    }
+    for (int ii = 0; ii < rb; ii++)
+        for (int q = 0; q < 4; q++) *(v16u *)(out + (i0 + ii) * k + j0 + 16 * q) = acc[ii][q];
+}
+
+/* columns j0..k-1 (fewer than 64), scalar */
+static void block_tail(float *restrict out, const float *restrict a, const float *restrict b,
+                       int64_t r, int64_t k, int64_t j0, int64_t t0, int64_t t1, int first) {
+    for (int64_t i = 0; i < r; i++)
+        for (int64_t j = j0; j < k; j++) {
+            float s = first ? 0.0f : out[i * k + j];
+            for (int64_t t = t0; t < t1; t++) s += a[t * r + i] * b[t * k + j];
+            out[i * k + j] = s;
+        }
+}
+
+/* out (r, k) = a^T b for row-major a (n, r), b (n, k), out (r, k). */
+void lorakit_atb(float *restrict out, const float *restrict a, const float *restrict b, int64_t n, int64_t r,
+                 int64_t k, int nthreads) {
+    int64_t nfull = k / CB;
+    if (n == 0) { memset(out, 0, sizeof(float) * r * k); return; }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+#endif
+    for (int64_t jb = 0; jb <= nfull; jb++) {
+        int64_t j0 = jb * CB;
+        for (int64_t t0 = 0; t0 < n; t0 += TB) {
+            int64_t t1 = t0 + TB < n ? t0 + TB : n;
+            if (jb < nfull) {
+                for (int64_t i0 = 0; i0 < r; i0 += RB)
+                    block_full(out, a, b, r, k, i0, (int)(r - i0 < RB ? r - i0 : RB), j0, t0, t1, t0 == 0);
+            } else if (j0 < k) {
+                block_tail(out, a, b, r, k, j0, t0, t1, t0 == 0);
+            }
+        }
+    }
+}
 """
 
 _FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")
@@ -149,11 +222,11 @@ def _build() -> ctypes.CDLL:
         raise OSError("no C compiler found (set CC)")
     digest = hashlib.sha256("\0".join((_SOURCE, compiler, *_FLAGS)).encode()).hexdigest()[:16]
     cache = _cache_dir()
-    library = cache / f"philox-{digest}.so"
+    library = cache / f"kernels-{digest}.so"
     if not library.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: never a half-written .so
-            source, built = Path(tmp) / "philox.c", Path(tmp) / "philox.so"
+            source, built = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             source.write_text(_SOURCE)
             errors = []
             # OpenMP and per-ISA clones where the compiler has them (GCC on x86-64), else without
@@ -173,7 +246,8 @@ def _build() -> ctypes.CDLL:
     lib.lorakit_philox_fill.argtypes = [ptr, i64, u32, u32, ctypes.c_int]
     lib.lorakit_dropout.argtypes = [ptr, ptr, i64, u32, u32, ctypes.c_int16, ctypes.c_int]
     lib.lorakit_dropout_backward.argtypes = [ptr, ptr, ptr, i64, u32, u32, ctypes.c_int16, ctypes.c_int]
-    for fn in (lib.lorakit_philox_fill, lib.lorakit_dropout, lib.lorakit_dropout_backward):
+    lib.lorakit_atb.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    for fn in (lib.lorakit_philox_fill, lib.lorakit_dropout, lib.lorakit_dropout_backward, lib.lorakit_atb):
         fn.restype = None
     return lib
 
@@ -255,3 +329,24 @@ def dropout_backward(grad_x: torch.Tensor | None, g_in: torch.Tensor, x: torch.T
     library().lorakit_dropout_backward(0 if grad_x is None else grad_x.data_ptr(), g_in.data_ptr(),
                                        0 if x is None else x.data_ptr(), g_in.numel(), *_key_halves(key),
                                        threshold, torch.get_num_threads())
+
+
+def _fits(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and t.is_contiguous()
+
+
+def at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b (r, k) for a tall, thin a (n, r) and b (n, k): the weight gradients of an adapter.
+
+    The compiled kernel (2-3x BLAS's speed here for r = 16) where both are contiguous fp32 CPU matrices and the
+    library is loaded; `a.t() @ b` otherwise. The sum over n runs in another order than BLAS's: results agree to
+    fp32 rounding, not bit for bit.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"at_b: a (n, r) and b (n, k) with the same n, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (_fits(a) and _fits(b)) or a.requires_grad or b.requires_grad or library() is None:
+        return a.t() @ b
+    n, r = a.shape
+    out = torch.empty(r, b.shape[1], dtype=torch.float32)
+    library().lorakit_atb(out.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, b.shape[1], torch.get_num_threads())
+    return out
