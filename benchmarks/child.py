@@ -207,7 +207,8 @@ def run_paired(args: dict[str, Any]) -> dict[str, Any]:
     """A reference and one contestant built in the same process, their steps alternated (ABBA order).
 
     Kind ``train_paired``: training steps, reference FLOOR; kind ``infer_paired``: eval forwards under
-    inference_mode, reference the base model. Each pair is one reference step and one contestant step taken
+    inference_mode, reference the base model. ``reference`` (a contestant name) replaces the default reference,
+    e.g. lorakit's LoRA as the reference of its DoRA. Each pair is one reference step and one contestant step taken
     back to back, so a slow phase of the machine hits both; the per-pair ratio contestant / reference is what
     the time goals use. Memory is not measured here (two models share the process): the one-contestant
     children measure it.
@@ -216,7 +217,8 @@ def run_paired(args: dict[str, Any]) -> dict[str, Any]:
     hidden, seq = args["hidden"], args["seq"]
     train = args["kind"] == "train_paired"
     dropout = args.get("dropout", 0.0)
-    floor = models.build_contestant("floor" if train else "base", hidden, 0.0, max_positions=seq).train(train)
+    reference = args.get("reference") or ("floor" if train else "base")
+    floor = models.build_contestant(reference, hidden, 0.0, max_positions=seq).train(train)
     other = models.build_contestant(args["contestant"], hidden, dropout, max_positions=seq).train(train)
     ids = models.make_inputs(args["batch"], seq)
 

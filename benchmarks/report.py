@@ -329,7 +329,14 @@ def _variants_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
             st = t.pooled(runs, "times_s")
             infer_rows.append([VARIANT_NAMES[c], *t.time_cells(st, runs), t.x(t.ratio(st, ref)), t.busy(runs)])
             if c == "lorakit:dora":
-                goals.append(t.goal("inference: lorakit DoRA / lorakit LoRA forward time", t.ratio(st, ref), 1.0))
+                pair = t.pooled(res.get("infer/lorakit:dora/paired", []), "ratios")
+                if pair:  # both in one process, forwards alternated: the goal's ratio
+                    infer_rows.append(["lorakit DoRA / lorakit LoRA, paired", "", "", "", str(pair["n"]),
+                                       _paired_cell(pair), t.busy(res["infer/lorakit:dora/paired"])])
+                    goals.append(t.goal("inference: lorakit DoRA / lorakit LoRA forward time (paired, median)",
+                                        pair["median"], 1.0))
+                else:
+                    goals.append(t.goal("inference: lorakit DoRA / lorakit LoRA forward time", t.ratio(st, ref), 1.0))
     init_rows = []
     for method in ("pissa_niter_4", "olora"):
         st = {c: t.pooled(res.get(f"init/{method}/{c}", []), "times_s") for c in ("lorakit", "peft")}

@@ -243,6 +243,9 @@ def bench_variants(s: Settings) -> dict[str, Any]:
         infer = {"kind": "infer", "threads": s.threads, "hidden": s.infer_hidden, "batch": s.infer_batch}
         infer.update(seq=s.infer_seq, warmup=s.warmup, steps=s.infer_steps)
         jobs = [(f"infer/{c}", {**infer, "contestant": c}) for c in ("lorakit", "lorakit:dora", "peft:dora")]
+        # the goal's ratio, paired: lorakit's LoRA and DoRA in one process, forwards alternated
+        jobs.append(("infer/lorakit:dora/paired", {**infer, "kind": "infer_paired", "contestant": "lorakit:dora",
+                                                   "reference": "lorakit", "pairs": s.infer_pairs}))
         init = {"kind": "init", "threads": s.threads, "size": s.init_size, "reps": s.init_reps}
         for method in INIT_METHODS:
             jobs += [(f"init/{method}/{c}", {**init, "contestant": c, "init": method}) for c in ("lorakit", "peft")]
