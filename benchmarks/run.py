@@ -295,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="before each child, wait up to S seconds until other processes use < 10%% of the CPUs",
     )
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="write the report of the raw results in JSON (a run's .json) to --out; runs nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -316,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child is not None:
         return child.main(args.child)
+    if args.render is not None:  # the same measurements, the report re-made (e.g. after its text changed)
+        raw = json.loads(args.render.read_text())
+        args.out.write_text(report.render(raw["meta"], raw["benchmarks"]))
+        _log(f"wrote {args.out} from {args.render}")
+        return 0
     settings = make_settings(args)
     names = args.only or list(BENCHMARKS)
     started = time.time()
