@@ -196,6 +196,26 @@ def test_norm_follows_in_place_changes_of_the_base_weight() -> None:
     assert not torch.allclose(before, after)
 
 
+def test_inference_norm_is_kept_until_w0_a_b_or_the_scale_change() -> None:
+    """Without autograd n is cached; every in-place change of A, B or W0, and a new scale, must be seen."""
+    layer = nn.Linear(8, 5)
+    adapter = DoraAdapter(lorakit.layer_kinds.LINEAR, layer, 2, 1.0, 0.0, "random", torch.float32)
+
+    def want() -> torch.Tensor:
+        delta = adapter.scale * adapter.lora_B @ adapter.lora_A
+        return torch.linalg.vector_norm(layer.weight + delta, dim=1).detach()
+
+    with torch.inference_mode():
+        first = adapter.norm(layer)
+        assert adapter.norm(layer) is first  # unchanged: the cached tensor
+    for change in (lambda: adapter.lora_B.add_(0.5), lambda: adapter.lora_A.mul_(-2.0),
+                   lambda: layer.weight.add_(0.25), lambda: setattr(adapter, "scale", 3.0)):
+        with torch.no_grad():
+            change()
+            torch.testing.assert_close(adapter.norm(layer), want(), rtol=1e-5, atol=1e-6)
+    assert adapter.norm(layer).requires_grad is False  # with autograd on: computed afresh, and still constant
+
+
 def test_training_changes_magnitude_and_direction() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8))

@@ -348,15 +348,17 @@ def lora_linear_inference(
     d = lora_B.shape[0]
     if not effective_weight_pays(x.numel() // max(k, 1), k, d):
         return None
-    if callable(weight):  # a fresh dequantised W0: add s B A into it in place
+    pair = (lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)  # s B A in W0's layout: pair[0] @ pair[1]
+    if row_scale is not None:  # rs ⊙_row (W0 + s B A) = rs ⊙_row W0 + s (rs ⊙_row B) A: one pass over W0, like LoRA
+        rs = row_scale if transposed else row_scale[:, None]
+        w_eff = weight().mul_(rs) if callable(weight) else weight * rs
+        scaled_b = lora_B * row_scale[:, None]
+        w_eff.addmm_(*((lora_A.t(), scaled_b.t()) if transposed else (scaled_b, lora_A)), alpha=scale)
+    elif callable(weight):  # a fresh dequantised W0: add s B A into it in place
         w_eff = weight()
-        w_eff.addmm_(*((lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)), alpha=scale)
-    elif transposed:  # GPT-2 Conv1D: W0 is (k, d)
-        w_eff = torch.addmm(weight, lora_A.t(), lora_B.t(), alpha=scale)
+        w_eff.addmm_(*pair, alpha=scale)
     else:
-        w_eff = torch.addmm(weight, lora_B, lora_A, alpha=scale)  # (d, k)
-    if row_scale is not None:
-        w_eff.mul_(row_scale if transposed else row_scale[:, None])
+        w_eff = torch.addmm(weight, *pair, alpha=scale)  # W0's layout: (d, k), or (k, d) for GPT-2 Conv1D
     if transposed:
         x2 = x.reshape(-1, k)
         out = torch.addmm(bias, x2, w_eff) if bias is not None else x2 @ w_eff

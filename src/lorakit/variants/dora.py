@@ -42,6 +42,7 @@ class DoraAdapter(LoraAdapter):
         super().__init__(kind, base_layer, r, scale, dropout, init, dtype)
         self.layout = _LAYOUTS[kind.name]
         self._w0_sq: tuple[Any, torch.Tensor] | None = None  # ((version, data_ptr), ||W0_i||²)
+        self._norm_cache: tuple[Any, torch.Tensor] | None = None  # (versions of W0, A, B and s, n): inference only
         self._merged_c: torch.Tensor | None = None  # c at merge time (unmerge divides by it)
         self._merged_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # W0 rows where c was 0
         with torch.no_grad():
@@ -53,6 +54,7 @@ class DoraAdapter(LoraAdapter):
         super().rebase(kind)
         self.layout = _LAYOUTS[kind.name]
         self._w0_sq = None
+        self._norm_cache = None
 
     # -- the norm n ------------------------------------------------------------------------------------
     def _base_weight(self, base_layer: nn.Module) -> torch.Tensor:
@@ -68,10 +70,20 @@ class DoraAdapter(LoraAdapter):
         return self._w0_sq[1]
 
     def norm(self, base_layer: nn.Module, eps: float = NORM_EPS) -> torch.Tensor:
-        """n = ||W0 + s B A||_row (fp32, no grad, clamped to >= eps), from low-rank pieces."""
+        """n = ||W0 + s B A||_row (fp32, no grad, clamped to >= eps), from low-rank pieces.
+
+        Without autograd (inference) n is kept while W0, A, B and s are unchanged (their version counters and
+        storage; writes through `.data` are not seen, as for ||W0||²), so repeated forwards of an eval model skip
+        its A W0ᵀ GEMM."""
         weight = self._base_weight(base_layer)
         w0_sq = self._row_norms_sq(base_layer, weight)
-        return dora_norm(w0_sq, weight, self.layout, self.lora_A, self.lora_B, self.scale, eps)
+        if torch.is_grad_enabled():
+            return dora_norm(w0_sq, weight, self.layout, self.lora_A, self.lora_B, self.scale, eps)
+        a, b = self.lora_A, self.lora_B
+        key = (self._w0_sq[0], a._version, a.data_ptr(), b._version, b.data_ptr(), self.scale, eps)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, dora_norm(w0_sq, weight, self.layout, a, b, self.scale, eps))
+        return self._norm_cache[1]
 
     def _channel_view(self, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """c shaped to broadcast over `out`: along the last axis, or axis 1 for convolutions."""
