@@ -77,7 +77,7 @@ class DoraAdapter(LoraAdapter):
         its A W0ᵀ GEMM."""
         weight = self._base_weight(base_layer)
         w0_sq = self._row_norms_sq(base_layer, weight)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph computes it in place
             return dora_norm(w0_sq, weight, self.layout, self.lora_A, self.lora_B, self.scale, eps)
         a, b = self.lora_A, self.lora_B
         key = (self._w0_sq[0], a._version, a.data_ptr(), b._version, b.data_ptr(), self.scale, eps)
