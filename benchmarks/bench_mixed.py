@@ -173,7 +173,7 @@ def run_mixed_paired(args: dict[str, Any]) -> dict[str, Any]:
 KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"mixed": run_mixed, "mixed_paired": run_mixed_paired}
 
 
-def _jobs(sizes: dict[str, Any], threads: int, skip: set[str]) -> list[tuple[str, dict[str, Any]]]:
+def _jobs(sizes: dict[str, Any], threads: int) -> list[tuple[str, dict[str, Any]]]:
     base = {"kind": "mixed", "threads": threads}
     base.update({k: sizes[k] for k in ("hidden", "batch", "seq", "warmup", "steps")})
     jobs = [("base", {**base, "library": "base", "mode": "single", "adapters": 0})]
@@ -181,10 +181,9 @@ def _jobs(sizes: dict[str, Any], threads: int, skip: set[str]) -> list[tuple[str
         jobs.append((f"{library}/single", {**base, "library": library, "mode": "single", "adapters": 1}))
         for n in sizes["counts"]:
             jobs.append((f"{library}/mixed/{n}", {**base, "library": library, "mode": "mixed", "adapters": n}))
-    if "lorakit" not in skip:
-        for n in sizes["counts"]:
-            jobs.append((f"lorakit/paired/{n}", {**base, "kind": "mixed_paired", "library": "lorakit",
-                                                 "adapters": n, "pairs": sizes["pairs"]}))
+    for n in sizes["counts"]:
+        jobs.append((f"lorakit/paired/{n}", {**base, "kind": "mixed_paired", "library": "lorakit",
+                                             "adapters": n, "pairs": sizes["pairs"]}))
     return jobs
 
 
@@ -192,7 +191,7 @@ def bench(s: Any, execute: Callable[..., None]) -> dict[str, Any]:
     """Run every round of the mixed-adapter benchmark through run.py's `execute(jobs, s, results)`."""
     sizes = SIZES[bool(s.quick)]
     skip = set(getattr(s, "skip", ()))
-    jobs = [job for job in _jobs(sizes, s.threads, skip) if job[1]["library"] not in skip]
+    jobs = [job for job in _jobs(sizes, s.threads) if job[1]["library"] not in skip]
     results: dict[str, list[Any]] = {}
     for rnd in range(sizes["rounds"]):
         k = rnd % len(jobs) if jobs else 0
