@@ -348,12 +348,13 @@ def lora_linear_inference(
     d = lora_B.shape[0]
     if not effective_weight_pays(x.numel() // max(k, 1), k, d):
         return None
-    pair = (lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)  # s B A in W0's layout: pair[0] @ pair[1]
     if row_scale is not None:  # rs ⊙_row (W0 + s B A) = rs ⊙_row W0 + s (rs ⊙_row B) A: one pass over W0, like LoRA
+        lora_B = lora_B * row_scale[:, None]
+    pair = (lora_A.t(), lora_B.t()) if transposed else (lora_B, lora_A)  # s B A in W0's layout: pair[0] @ pair[1]
+    if row_scale is not None:
         rs = row_scale if transposed else row_scale[:, None]
         w_eff = weight().mul_(rs) if callable(weight) else weight * rs
-        scaled_b = lora_B * row_scale[:, None]
-        w_eff.addmm_(*((lora_A.t(), scaled_b.t()) if transposed else (scaled_b, lora_A)), alpha=scale)
+        w_eff.addmm_(*pair, alpha=scale)
     elif callable(weight):  # a fresh dequantised W0: add s B A into it in place
         w_eff = weight()
         w_eff.addmm_(*pair, alpha=scale)
