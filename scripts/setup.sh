@@ -16,7 +16,9 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/pip install --quiet "torch==2.13.0"
   fi
   echo "setup: installing lorakit and its dev dependencies"
-  .venv/bin/pip install --quiet -e ".[dev]"
+  # the torch now installed is a constraint: no dependency may replace it (a CUDA build is several GB)
+  .venv/bin/python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
+  .venv/bin/pip install --quiet -c .venv/torch-constraint.txt -e ".[dev]"
   rm -f .venv/.lorakit-setup-*
   touch "$stamp"
 fi
