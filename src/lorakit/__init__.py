@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
 )
 from .io import load_adapter, save_adapter
+from .loading import load_model, load_tokenizer
 from .model import (
     active_adapters,
     adapter_names,
@@ -39,7 +40,7 @@ __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
     "LossyMergeWarning", "ModelDirError", "NF4Linear", "quantize",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
-    "disabled", "get_config", "load_adapter", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",
+    "disabled", "get_config", "load_adapter", "load_model", "load_tokenizer", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",
     "set_trainable", "trainable_parameters", "unmerge",
     "combine", "merge_combination",
     "prepare_swap", "swap_adapter",

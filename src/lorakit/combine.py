@@ -176,8 +176,10 @@ def combine_dirs(
     density: float | None = None,
     seed: int = 0,
     force: bool = False,
+    dtype: str | torch.dtype | None = "auto",
+    quantize: str | None = None,
 ) -> dict[str, Any]:
-    """Load a base model directory and adapter directories, combine them and save the result in PEFT's format.
+    """Load a base model (a directory or a model ID; `dtype` and `quantize` as lorakit.load_model takes them) and adapter directories, combine them and save the result in PEFT's format.
 
     Args:
         adapters: (label, adapter directory, weight) per input; labels name the inputs in the report.
@@ -207,7 +209,7 @@ def combine_dirs(
     for _, directory, _ in adapters:
         if not Path(directory).is_dir():
             raise AdapterFileError(f"adapter directory {directory} does not exist")
-    model, _ = load_model_dir(model_dir, task=adapter_task(adapters[0][1]), dtype=torch.float32,
+    model, _ = load_model_dir(model_dir, task=adapter_task(adapters[0][1]), dtype=dtype, quantize=quantize,
                               with_tokenizer=False)
     inputs = {}
     for i, (_, directory, weight) in enumerate(adapters):

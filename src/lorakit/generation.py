@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError, DataError
 from .hf import check_model_dir, load_adapters, load_model_dir, model_dir_task, resolve_device
+from .loading.hub import resolve_model
 
 
 # -- generation ------------------------------------------------------------------------------------------
@@ -147,6 +148,8 @@ def generate_all(
     adapter_dirs: Sequence[str | Path] = (),
     device: str | None = None,
     stream: TextIO | None = None,
+    dtype: str | None = "auto",
+    quantize: str | None = None,
     **options: Any,
 ) -> list[str]:
     """Load the model (and adapters, all active), then generate() for each prompt, streaming to `stream`
@@ -159,14 +162,15 @@ def generate_all(
     prompts = list(prompts)
     check_generation_options(**{k: v for k, v in options.items()
                                 if k in ("max_new_tokens", "temperature", "top_p")})
-    check_model_dir(model_dir)
+    model_dir = check_model_dir(resolve_model(model_dir))
     for adapter_dir in adapter_dirs:  # fail before the (slow) model load
         if not Path(adapter_dir).is_dir():
             raise AdapterFileError(f"adapter directory {adapter_dir} does not exist")
     declared = model_dir_task(model_dir)
     if declared not in (None, "causal-lm"):
         raise ConfigError(f"model directory {model_dir}: generate needs a causal LM, config.json declares a {declared} model")
-    model, tokenizer = load_model_dir(model_dir, task="causal-lm", device=resolve_device(device))
+    model, tokenizer = load_model_dir(model_dir, task="causal-lm", device=resolve_device(device), dtype=dtype,
+                                      quantize=quantize)
     load_adapters(model, adapter_dirs)
     model.eval()
     outputs = []

@@ -7,6 +7,7 @@ import math
 
 from ..errors import ConfigError
 from ..ops.combine import METHODS
+from .model_args import add_model_arguments, quantize_arg
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "Example: lorakit combine --model base/ --adapter math=runs/a/adapter:0.7 "
                     "--adapter code=runs/b/adapter:0.3 --out combined/",
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face base model directory")
+    add_model_arguments(parser)
     parser.add_argument("--adapter", required=True, action="append", metavar="[NAME=]DIR[:WEIGHT]",
                         help="an input adapter directory, optionally labelled and weighted (a negative weight "
                              "subtracts); repeat for each adapter")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = resolve_inputs(args.adapter, args.weights)
     report = combine_dirs(args.model, inputs, args.out, method=args.method, rank=args.rank,
-                          density=args.density, seed=args.seed, force=args.force)
+                          density=args.density, seed=args.seed, force=args.force,
+                          dtype=args.dtype, quantize=quantize_arg(args))
     ranks = [r for r in report["rank"].values() if r is not None]
     mix = " ".join(f"{w:+g}*{label}" for label, w in report["weights"].items())
     print(f"combined {mix} with method {report['method']}: {len(ranks)} module(s), "

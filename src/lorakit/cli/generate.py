@@ -1,15 +1,17 @@
-"""`lorakit generate`: text from a local model (plus adapters, summed), streamed to stdout as it is produced."""
+"""`lorakit generate`: text from a model (a directory or a model ID) (plus adapters, summed), streamed to stdout as it is produced."""
 
 from __future__ import annotations
 
 import argparse
+
+from .model_args import add_model_arguments, quantize_arg
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "generate", help="generate text with a model and optional adapters (streamed to stdout)",
     )
-    parser.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory")
+    add_model_arguments(parser, what="the model")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="adapter directory; repeat to load several (all active, their updates summed)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -32,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     generate_all(
         args.model, prompts, adapter_dirs=args.adapter, device=args.device,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        chat=args.chat,
+        chat=args.chat, dtype=args.dtype, quantize=quantize_arg(args),
     )
     return 0
