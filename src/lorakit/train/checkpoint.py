@@ -1,5 +1,5 @@
-"""Checkpoints of a training run: adapter (PEFT format) or trainable weights, optimizer, scheduler, RNG
-states and the data position (the global step), so that `--resume` continues the exact loss curve.
+"""Checkpoints of a training run: adapter (PEFT format) or trainable weights, optimizer, scheduler, fp16 loss
+scaler, RNG states and the data position (the global step), so that `--resume` continues the exact loss curve.
 
 A checkpoint is written to a temporary directory and renamed into place; only then are checkpoints beyond
 the last K removed, so a crash never leaves the run without its previous complete checkpoint.
@@ -29,7 +29,7 @@ TRAJECTORY_FIELDS = (
     "model", "data", "task", "eval_data", "eval_fraction", "max_length", "packing", "completion_only", "method",
     "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init", "learning_rate", "weight_decay",
     "loraplus_ratio", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "max_grad_norm", "epochs", "max_steps", "mixed_precision", "seed",
+    "gradient_accumulation_steps", "max_grad_norm", "epochs", "max_steps", "mixed_precision", "dtype", "seed",
 )
 
 
@@ -53,9 +53,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,
-    scheduler: Any, trainer_state: dict[str, Any], keep: int,
+    scheduler: Any, trainer_state: dict[str, Any], keep: int, scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep`."""
+    """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep`.
+
+    optimizer.pt holds the optimizer, the scheduler, the RNG states and the loss scaler's state (scale and
+    growth tracker; empty when loss scaling is off).
+    """
     parent = root / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:07d}"
@@ -67,7 +71,8 @@ def save_checkpoint(
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng_state()}, tmp / "optimizer.pt")
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state()},
+                   tmp / "optimizer.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "global_step": step}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -105,8 +110,15 @@ def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,
-            scheduler: Any) -> None:
-    """Load weights, optimizer, scheduler and RNG states from checkpoint `directory` into the live run."""
+            scheduler: Any, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Load weights, optimizer, scheduler, loss scaler and RNG states from checkpoint `directory` into the run.
+
+    A checkpoint without scaler state (one written before fp16 loss scaling existed) leaves the run's fresh
+    scaler as it is.
+
+    Raises:
+        ResumeError: the checkpoint's adapter has other modules than the run's.
+    """
     if method == "lora":
         saved = read_weights(directory / "adapter")
         live = adapter_state(model, "default")
@@ -124,4 +136,6 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
     blob = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     set_rng_state(blob["rng"])

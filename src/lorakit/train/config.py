@@ -21,6 +21,7 @@ TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # the frozen base's dtype; auto: the checkpoint's own
 QUANTIZE = ("none", "nf4")  # the frozen base's storage (QLoRA)
 QUANTIZE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # NF4 layers' compute dtype; auto: bf16 on a GPU, fp32 on the CPU
 
@@ -48,6 +49,7 @@ class TrainConfig:
     use_rslora: bool = False  # s = lora_alpha / sqrt(r)
     init: str = "kaiming"  # adapter init: kaiming | gaussian | pissa | pissa_niter_<n> | olora
     quantize: str | None = None  # none | nf4: store the frozen base's linear layers in 4-bit NormalFloat (QLoRA)
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16: the frozen base's dtype (auto: the checkpoint's); adapters fp32
     quantize_compute_dtype: str = "auto"  # auto | fp32 | bf16 | fp16: NF4 compute dtype (auto: bf16 on GPU, CPU fp32)
     # optimisation
     learning_rate: float = 2e-4  # peak learning rate of AdamW
@@ -62,7 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     epochs: float = 1.0  # passes over the data (PEFT/transformers: num_train_epochs)
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast, where the device supports it)
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast (CPU or GPU); fp16 adds loss scaling, bf16 needs none
     gradient_checkpointing: bool = False  # trade compute for activation memory
     seed: int = 42  # one seed for init, data order and dropout: two runs are identical
     # logging, evaluation, checkpoints
@@ -81,7 +83,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
         for name, choices in (("task", TASKS), ("method", METHODS), ("lr_scheduler_type", SCHEDULES),
-                              ("mixed_precision", PRECISIONS)):
+                              ("mixed_precision", PRECISIONS), ("dtype", BASE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         positive = ("r", "lora_alpha", "learning_rate", "max_length", "per_device_train_batch_size",

@@ -1,5 +1,6 @@
 """The training loop of `lorakit train`: AdamW (LoRA+ groups with --loraplus-ratio), warm-up + decay, gradient
-accumulation and clipping, autocast, gradient checkpointing, evaluation, diagnostics, checkpoints and exact resume.
+accumulation and clipping, autocast and fp16 loss scaling (precision.py), gradient checkpointing, evaluation,
+diagnostics, checkpoints and exact resume.
 
 The data order is a function of (seed, epoch) and the position is the global step, so a resumed run draws
 the same batches, the same dropout masks (RNG states are restored) and reproduces the loss curve.
@@ -7,7 +8,6 @@ the same batches, the same dropout masks (RNG states are restored) and reproduce
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,15 +24,13 @@ from ..io import save_adapter
 from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
 from . import diagnostics as diag
+from . import precision
 from .config import TrainConfig
+from .precision import TrainingError, autocast_context
 from .progress import Progress
 from .schedule import lr_factor
 
 HEAD_NAMES = ("classifier", "score")  # new classification heads: trained in full (modules_to_save), as PEFT does
-
-
-class TrainingError(LorakitError):
-    """The run cannot go on (a NaN or inf loss, an unsupported precision on this device)."""
 
 
 @dataclass
@@ -54,18 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for bf16/fp16 where the device supports it; a clear error where it does not."""
-    if precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise TrainingError("mixed_precision=bf16: this GPU does not support bf16; use fp16")
-    if device.type == "cpu" and precision == "fp16":
-        raise TrainingError("mixed_precision=fp16 is not supported on the CPU; use bf16 or no")
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
@@ -172,7 +158,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     Raises:
         LorakitError subclasses: bad data (file and line named), a model directory that cannot be loaded,
-        a --resume directory from another run, a NaN/inf loss (the last good checkpoint is kept).
+        a --resume directory from another run, a NaN/inf loss or a collapsed fp16 loss scale (TrainingError;
+        the last good checkpoint is kept and named).
     """
     from . import data as D
 
@@ -197,7 +184,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         from ..hf import load_model_dir
 
         model, _ = load_model_dir(cfg.model, task=task, num_labels=datasets.num_labels or None,
-                                  with_tokenizer=False)
+                                  dtype=cfg.dtype, with_tokenizer=False)
     if task == "classification":
         model.config.label2id = dict(datasets.label2id)
         model.config.id2label = datasets.id2label
@@ -225,24 +212,27 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     optimizer = build_optimizer(model, cfg)
     schedule = lr_factor(cfg.lr_scheduler_type, warmup, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scaler = precision.make_scaler(cfg.mixed_precision, model, device)  # fp16: loss scaling; else pass-through
     saves = "full" if cfg.method == "full" else "lora"  # checkpoints hold the whole model or the adapter
 
     start_step, losses = 0, []
     config_dict = cfg.to_dict()
     if cfg.resume:
         state = ckpt.read_state(Path(cfg.resume), config_dict)
-        ckpt.restore(Path(cfg.resume), model, saves, optimizer, scheduler)
+        ckpt.restore(Path(cfg.resume), model, saves, optimizer, scheduler, scaler)
         start_step, losses = state["global_step"], list(state.get("losses", []))
 
     w0_norms = diag.weight_norms(model) if saves == "lora" and cfg.diagnostics_steps else {}
     progress = Progress(out_dir / "metrics.jsonl", total_steps, start_step, bar=cfg.progress)
     progress.message(f"lorakit train: {task}, {len(datasets.train)} examples, {total_steps} steps, "
                      f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
-                     f"device {device}")
+                     f"device {device}, base {_dtype_name(model)}, mixed precision {cfg.mixed_precision}"
+                     + (", loss scaling on" if scaler.is_enabled() else ""))
     model.train()
     started = time.perf_counter()
     window_loss, window_tokens, window_start = [], 0, time.perf_counter()
     last_checkpoint: Path | None = Path(cfg.resume) if cfg.resume else None
+    skipped = 0  # optimizer steps skipped in a row by the loss scaler (inf / nan gradients)
     try:
         for step in range(start_step + 1, total_steps + 1):
             step_loss = 0.0
@@ -253,9 +243,10 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 if not torch.isfinite(loss):
                     where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
                     raise TrainingError(f"the loss became {loss.item()} at step {step}: training stopped{where}")
-                loss.backward()
+                scaler.scale(loss).backward()
                 step_loss += loss.item()
                 window_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            scaler.unscale_(optimizer)  # true gradients for clipping and diagnostics (no-op without scaling)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if cfg.diagnostics_steps and w0_norms and step % cfg.diagnostics_steps == 0:
@@ -263,22 +254,30 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
                 progress.log({"step": step, "diagnostics": diag.summarise(layers), "layers": layers})
                 for warning in diag.check(layers):
                     progress.message(f"lorakit: warning: step {step}: {warning}")
-            optimizer.step()
-            scheduler.step()
+            if precision.optimizer_step(scaler, optimizer):
+                scheduler.step()  # as transformers' Trainer: a skipped step does not advance the schedule
+                skipped = 0
+            else:
+                skipped += 1
+                if precision.scale_collapsed(scaler.get_scale()):
+                    message = precision.collapse_message(step, scaler.get_scale(), skipped, last_checkpoint)
+                    raise TrainingError(message)
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
             window_loss.append(step_loss)
             if step % max(cfg.logging_steps, 1) == 0 or step == total_steps:
                 seconds = time.perf_counter() - window_start
                 mean = sum(window_loss) / len(window_loss)
-                lr = cfg.learning_rate * schedule(step)  # the base rate (LoRA+: A's; B's is ratio times it)
+                lr = cfg.learning_rate * schedule(scheduler.last_epoch)  # the base rate (LoRA+: A's)
                 tps = window_tokens / seconds if seconds > 0 else 0.0
+                scaling = {"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
                 progress.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": tps,
-                              "epoch": step / steps_per_epoch})
+                              "epoch": step / steps_per_epoch, **scaling})
                 progress.step(step, mean, lr, tps, force_line=True)
                 window_loss, window_tokens, window_start = [], 0, time.perf_counter()
             else:
-                progress.step(step, step_loss, cfg.learning_rate * schedule(step), 0.0, force_line=False)
+                progress.step(step, step_loss, cfg.learning_rate * schedule(scheduler.last_epoch), 0.0,
+                              force_line=False)
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps and datasets.eval:
                 metrics = evaluate(model, datasets.eval, collate, cfg, task, device)
                 progress.log({"step": step, **metrics})
@@ -286,7 +285,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
             if cfg.save_steps and step % cfg.save_steps == 0:
                 state = {"config": config_dict, "losses": losses}
                 last_checkpoint = ckpt.save_checkpoint(out_dir, step, model, saves, optimizer, scheduler,
-                                                       state, cfg.save_total_limit)
+                                                       state, cfg.save_total_limit, scaler)
         seconds = time.perf_counter() - started
         final = evaluate(model, datasets.eval, collate, cfg, task, device) if datasets.eval else {}
         if final:
@@ -309,6 +308,17 @@ def _save_final(model: nn.Module, tokenizer: Any, cfg: TrainConfig, out_dir: Pat
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def _dtype_name(model: nn.Module) -> str:
+    """The dtype most of the model's floating weights have, by element count ("bf16", "fp32", ...)."""
+    counts: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            counts[param.dtype] = counts.get(param.dtype, 0) + param.numel()
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return names.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
