@@ -189,7 +189,7 @@ def test_unconverted_file_needs_the_residual_base(tmp_path, kind: str, init: str
     ids = token_ids()
     model = _trained(kind, init)
     expected = _logits(model, ids)
-    lorakit.save_adapter(model, tmp_path)
+    lorakit.save_adapter(model, tmp_path, convert_to_lora=False)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == init
     with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
@@ -206,7 +206,7 @@ def test_unconverted_file_needs_the_residual_base(tmp_path, kind: str, init: str
     residual = lorakit.load_adapter(_residual_base(model, kind), tmp_path)
     assert max_abs_diff(_logits(residual, ids), expected) <= 1e-5
     # re-saving the loaded adapter keeps the marker; converting it needs the initial factors it does not have
-    lorakit.save_adapter(residual, tmp_path / "again")
+    lorakit.save_adapter(residual, tmp_path / "again", convert_to_lora=False)
     with pytest.raises(lorakit.AdapterFileError, match="needs the residual base"):
         lorakit.load_adapter(BUILDERS[kind](), tmp_path / "again")
     with pytest.raises(lorakit.ConfigError, match="convert_to_lora=True needs the initial"):
@@ -215,7 +215,7 @@ def test_unconverted_file_needs_the_residual_base(tmp_path, kind: str, init: str
 
 def test_unconverted_file_on_another_model_is_refused(tmp_path) -> None:
     model = _trained("llama", "pissa")
-    lorakit.save_adapter(model, tmp_path)
+    lorakit.save_adapter(model, tmp_path, convert_to_lora=False)
     other = _residual_base(model, "llama")
     with torch.no_grad():
         other.model.layers[1].self_attn.v_proj.weight.mul_(1.05)
@@ -269,7 +269,7 @@ def test_factors_and_residual_match_peft(kind: str, init: str) -> None:
 def test_file_without_fingerprint_loads_with_a_warning(tmp_path) -> None:
     ids = token_ids()
     model = _trained("llama", "pissa")
-    lorakit.save_adapter(model, tmp_path)
+    lorakit.save_adapter(model, tmp_path, convert_to_lora=False)
     weights = tmp_path / "adapter_model.safetensors"
     save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})  # as another tool writes it
     with pytest.warns(UserWarning, match="cannot be checked"):
@@ -280,7 +280,7 @@ def test_file_without_fingerprint_loads_with_a_warning(tmp_path) -> None:
 def test_convert_to_lora_leaves_a_plain_adapter_unchanged(tmp_path) -> None:
     model = tiny_llama()
     lorakit.attach(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"], init="random"))
-    lorakit.save_adapter(model, tmp_path / "plain")
+    lorakit.save_adapter(model, tmp_path / "plain", convert_to_lora=False)
     lorakit.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
     config = "adapter_config.json"
     assert (tmp_path / "plain" / config).read_text() == (tmp_path / "converted" / config).read_text()

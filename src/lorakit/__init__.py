@@ -14,6 +14,7 @@ from .errors import (
     TargetError,
 )
 from .io import load_adapter, save_adapter
+from .io.vllm import VllmWarning, check_vllm
 from .loading import load_model, load_tokenizer
 from .model import (
     active_adapters,
@@ -44,4 +45,5 @@ __all__ = [
     "set_trainable", "trainable_parameters", "unmerge",
     "combine", "merge_combination",
     "prepare_swap", "swap_adapter",
+    "VllmWarning", "check_vllm",
 ]

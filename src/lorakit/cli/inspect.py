@@ -1,24 +1,48 @@
-"""`lorakit inspect`: per-module statistics of an adapter (norms, spectrum, effective rank) from its files."""
+"""`lorakit inspect`: per-module statistics of an adapter (norms, spectrum, effective rank) from its files, or with
+`--check vllm` whether vLLM's LoRA loader takes the file and computes as trained (lorakit.io.vllm)."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
+
+CHECKS = ("vllm",)
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "inspect", help="per-module norms, singular values and effective ranks of an adapter",
+        "inspect", help="per-module norms, singular values and effective ranks of an adapter; --check vllm",
     )
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (PEFT layout)")
     parser.add_argument("--model", default=None, metavar="DIR",
                         help="base model directory: adds ||sBA||_F / ||W0||_F and the full fine-tune size")
     parser.add_argument("--rank-tol", type=float, default=1e-3,
                         help="numerical rank: count singular values above this fraction of the largest (default: 1e-3)")
+    parser.add_argument("--check", choices=CHECKS, default=None,
+                        help="vllm: will vLLM's LoRA loader take the file, and compute as trained? Prints every "
+                             "reason if not; exit status 0 if it will, 1 if not")
+    parser.add_argument("--max-lora-rank", type=_positive_int, default=None, metavar="N",
+                        help="with --check vllm: vLLM's --max-lora-rank (default: 16, vLLM's default)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.set_defaults(func=run)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.check == "vllm":
+        return _check_vllm(args)
+    if args.max_lora_rank is not None:
+        raise ConfigError("lorakit inspect: --max-lora-rank applies to --check vllm only")
     import json
 
     from ..analysis import adapter_report, format_report
@@ -26,3 +50,15 @@ def run(args: argparse.Namespace) -> int:
     report = adapter_report(args.adapter, model_dir=args.model, rel_tol=args.rank_tol)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def _check_vllm(args: argparse.Namespace) -> int:
+    from ..io import vllm
+
+    max_rank = args.max_lora_rank if args.max_lora_rank is not None else vllm.DEFAULT_MAX_LORA_RANK
+    findings = vllm.check_vllm(args.adapter, max_lora_rank=max_rank)
+    if args.json:
+        print(vllm.findings_json(findings, args.adapter, max_rank))
+    else:
+        print(vllm.format_findings(findings, args.adapter, max_rank))
+    return 1 if findings else 0

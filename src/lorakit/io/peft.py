@@ -11,6 +11,7 @@ An adapter not named "default" is saved in <dir>/<name>/, as PEFT does.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from ..config import LoraConfig
 from ..errors import AdapterFileError, AdapterNameError, ShapeMismatchError
 from ..layers import LoraLayer, SavedModule
 from ..targeting import is_target, iter_candidate_modules, output_head_names
-from . import residual
+from . import residual, vllm
 from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -90,25 +91,47 @@ def _file_targets(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig
     return candidate
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default", convert_to_lora: bool = False) -> Path:
+def save_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", convert_to_lora: bool = True, *,
+    vllm_check: bool = True,
+) -> Path:
     """Save adapter `name` in PEFT's layout under `path` (a subfolder `name` unless it is "default").
 
-    A PiSSA / OLoRA adapter (its init changed the base weights) is saved, with `convert_to_lora=True`, as a
-    plain LoRA of rank 2r relative to the original weights (loads onto the unmodified base in PEFT / vLLM);
-    otherwise as trained, marked as needing the residual base (see io.residual).
+    A PiSSA / OLoRA adapter (its init changed the base weights) is saved by default as a plain LoRA of rank 2r
+    relative to the ORIGINAL weights, so that it loads onto the unmodified base in PEFT, vLLM and lorakit.
+    `convert_to_lora=False` keeps PEFT's residual form instead: A, B as trained, `init_lora_weights: "pissa"`,
+    marked as needing the residual base (see io.residual). For any other adapter the flag changes nothing.
+
+    A file that vLLM would load but compute differently (a per-module scale from rank_pattern / alpha_pattern,
+    an unconverted PiSSA / OLoRA file) is still written, with a `lorakit.io.vllm.VllmWarning` that names each
+    module or field; `lorakit inspect DIR --check vllm` lists these and what vLLM refuses. `vllm_check=False`
+    skips this for files that are not meant for serving (training checkpoints).
 
     Atomic: a failure while writing leaves any adapter already in that directory intact.
     Returns the directory written.
+
+    Raises:
+        ConfigError: convert_to_lora=True for a PiSSA / OLoRA adapter that was loaded from an unconverted file
+            (its initial factors are unknown); save it with convert_to_lora=False.
+        AdapterNameError: no adapter `name` on the model.
     """
     config = _file_targets(model, M.get_config(model, name), name)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
     directory = adapter_dir(path, name)
     metadata = {"format": "pt", "producer": "lorakit"}
     config, tensors, metadata = residual.prepare_save(model, name, config, tensors, metadata, convert_to_lora, PREFIX)
+    config_dict = config.to_peft_dict()
     atomic_write(directory, {
         WEIGHTS_NAME: write_safetensors(tensors, metadata),
-        CONFIG_NAME: write_json(config.to_peft_dict()),
+        CONFIG_NAME: write_json(config_dict),
     })
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    findings = vllm.silent_wrong(config_dict, shapes, metadata) if vllm_check else []
+    if findings:
+        warnings.warn(vllm.VllmWarning(
+            f"{directory}: vLLM would load this adapter but compute differently from the trained model:\n"
+            + "\n".join(f"  {finding.where}: {finding.message}" for finding in findings)
+        ), stacklevel=2)
     return directory
 
 

@@ -2,14 +2,14 @@
 
 Two ways to save one (`save_adapter(..., convert_to_lora=...)`):
 
-* converted: a plain LoRA of rank 2r relative to the ORIGINAL weights, as PEFT's
+* converted (the default, `convert_to_lora=True`): a plain LoRA of rank 2r relative to the ORIGINAL weights, as PEFT's
   `save_pretrained(path_initial_model_for_weight_conversion=...)` writes it:
 
       W_res + s B A = W0 + s (B A - B0 A0) = W0 + s [B | -B0] [A ; A0]
       A' = [A ; A0] (2r, k),  B' = [B | -B0] (d, 2r),  r' = 2r,  alpha' = 2 alpha (rsLoRA: sqrt(2) alpha)
 
   so s' = alpha' / r' = s, and `init_lora_weights: true`. PEFT, vLLM and lorakit load it onto the base model.
-* unconverted: A, B as trained, `init_lora_weights: "pissa"` etc., and safetensors metadata saying that the
+* unconverted (`convert_to_lora=False`): A, B as trained, `init_lora_weights: "pissa"` etc., and safetensors metadata saying that the
   file needs the residual base, with a fingerprint per module (ops.residual_init.weight_fingerprint: the fp32
   Frobenius norm and a few fixed random probes) of the residual weight and, when known, of the original one.
   Loading refuses a model whose weights match the original better, or match neither.
@@ -80,9 +80,9 @@ def _converted_tensors(model: nn.Module, name: str, prefix: str) -> dict[str, to
         initial_A, initial_B = getattr(adapter, "initial_A", None), getattr(adapter, "initial_B", None)
         if initial_A is None or initial_B is None:
             raise ConfigError(
-                f"adapter {name!r} on module {layer.path!r}: convert_to_lora=True needs the initial A0, B0 of "
-                f"the PiSSA / OLoRA init, which only an adapter attached in this session has (this one was "
-                f"loaded from a file); save it with convert_to_lora=False"
+                f"adapter {name!r} on module {layer.path!r}: convert_to_lora=True needs the initial A0, B0 of the "
+                f"PiSSA / OLoRA init (True is save_adapter's default), which only an adapter attached in this "
+                f"session has (this one was loaded from an unconverted file); save it with convert_to_lora=False"
             )
         key_a, key_b = adapter.kind.peft_keys
         lora_A, lora_B = adapter.lora_A.detach(), adapter.lora_B.detach()

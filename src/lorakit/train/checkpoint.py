@@ -66,7 +66,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=parent))
     try:
         if method == "lora":
-            save_adapter(model, tmp / "adapter")
+            # as trained (PiSSA / OLoRA: the residual form the resumed run attaches again), not for serving
+            save_adapter(model, tmp / "adapter", convert_to_lora=False, vllm_check=False)
         else:
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
