@@ -1,18 +1,23 @@
 """LoraConfig: the typed, validated description of one adapter.
 
-Field names are lorakit's own (`alpha`, `dropout`, `init`); `to_peft_dict` / `from_peft_dict` map them to
-and from the names PEFT writes in adapter_config.json (`lora_alpha`, `lora_dropout`, `init_lora_weights`).
+Field names are lorakit's own (`alpha`, `dropout`, `init`); PEFT's names (`lora_alpha`, `lora_dropout`,
+`init_lora_weights`, ...) are accepted too (see peft_fields.py), and `to_peft_dict` / `from_peft_dict` /
+`from_peft` map to and from PEFT's adapter_config.json and `peft.LoraConfig`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
+import inspect
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .peft_fields import ALIASES, BOOL_FIELDS, as_bool, peft_file_kwargs, to_lorakit_kwargs
 
 INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n>" (randomised SVD, n iterations)
 # kaiming/gaussian: B = 0; "random": B random too (tests); pissa/olora: B, A from W0, the base keeps the residual
@@ -22,14 +27,33 @@ ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "base")  # "base": the base 
 
 # PEFT's `init_lora_weights` values <-> lorakit's `init`
 _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "random": False}
+_NAMES_ONLY = re.compile(r"[\w.\s,-]+")  # names, dotted suffixes, commas: no regex metacharacter
+
+
+def parse_target_spec(text: str) -> list[str] | str:
+    """A target_modules string as written on a command line or in YAML: "all-linear" stays; names and dotted
+    suffixes ("q_proj,v_proj", "mlp.down_proj") become a list; anything with a regex metacharacter
+    (`* [ ] ( ) | ^ $ \\ + ? { }`) stays a regex matched against the whole module path."""
+    text = text.strip()
+    if text.lower() == "all-linear":
+        return "all-linear"
+    if _NAMES_ONLY.fullmatch(text):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return text
 
 
 @dataclass
 class LoraConfig:
     """One LoRA adapter: h = W0 x + s * B A dropout(x), s = alpha / r (or alpha / sqrt(r) with rsLoRA).
 
+    PEFT's names are accepted as constructor arguments: `lora_alpha`, `lora_dropout`, `init_lora_weights`
+    (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora"), and PEFT's metadata fields (`peft_type`,
+    `inference_mode`, `revision`, ...); read back as properties `lora_alpha`, `lora_dropout`, `init_lora_weights`.
+
     Raises:
-        ConfigError: on construction, for any invalid field (the message names the field and value).
+        ConfigError: on construction, for any invalid field (the message names the field and value), an alias
+            and its field with different values, an unknown field, or a PEFT feature lorakit does not implement
+            switched on (`use_qalora`, `lora_bias`, `loftq_config`, `layer_replication`, ...).
     """
 
     r: int = 8  # rank of the update B A
@@ -53,6 +77,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None  # metadata written to adapter_config.json
 
     def __post_init__(self) -> None:
+        self._normalise()
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         _check_alpha("alpha", self.alpha)
@@ -71,12 +96,47 @@ class LoraConfig:
             _check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):
             _check_regex("exclude_modules", self.exclude_modules)
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            self.layers_to_transform = [self.layers_to_transform]
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if self.target_modules is not None and len(self.target_modules) == 0:
             raise ConfigError("LoraConfig.target_modules is empty: name at least one module, or use 'all-linear'")
+        _check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
+
+    def _normalise(self) -> None:
+        """Booleans from strings, enums as values, sets as sorted lists, PEFT's spellings of "no value"."""
+        for name in BOOL_FIELDS:
+            setattr(self, name, as_bool(getattr(self, name), f"LoraConfig.{name}"))
+        if isinstance(self.task_type, enum.Enum):
+            self.task_type = self.task_type.value
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+            self.target_modules = "all-linear"
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (set, frozenset, tuple)):
+                setattr(self, name, sorted(getattr(self, name)))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"LoraConfig.{name} must be a mapping of module pattern -> value, got {value!r}")
+            setattr(self, name, dict(value or {}))
+        layers = self.layers_to_transform
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            self.layers_to_transform = [layers]
+        elif isinstance(layers, (list, tuple)):
+            self.layers_to_transform = list(layers) or None  # PEFT: an empty list selects no layer subset
+
+    # -- PEFT's names, read back -------------------------------------------------------------------------
+    @property
+    def lora_alpha(self) -> float:
+        """PEFT's name of `alpha`."""
+        return self.alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        """PEFT's name of `dropout`."""
+        return self.dropout
+
+    @property
+    def init_lora_weights(self) -> bool | str:
+        """`init` as PEFT writes it: True (kaiming), False (random), or the init's name."""
+        return _INIT_TO_PEFT.get(self.init, self.init)
 
     # -- per-module values ------------------------------------------------------------------------------
     def rank_for(self, module_path: str) -> int:
@@ -123,41 +183,35 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any], where: str = "adapter_config.json") -> LoraConfig:
-        """Build a config from PEFT's adapter_config.json fields.
+        """Build a config from PEFT's adapter_config.json fields (PEFT's defaults for missing ones; fields PEFT
+        writes that mean nothing to lorakit are dropped, unknown set ones with a warning).
 
         Raises:
-            ConfigError: unknown peft_type, a LoRA feature lorakit does not support yet, or an invalid value.
+            ConfigError: unknown peft_type, a LoRA feature lorakit does not support, or an invalid value (the
+                message starts with `where`).
         """
-        peft_type = data.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise ConfigError(f"{where}: peft_type {peft_type!r} is not supported (lorakit reads 'LORA')")
-        for unsupported in ("use_qalora", "lora_bias"):
-            if data.get(unsupported):
-                raise ConfigError(f"{where}: {unsupported}=true is not supported by lorakit yet")
-        init = data.get("init_lora_weights", True)
-        init_name = {True: "kaiming", False: "random", "gaussian": "gaussian"}.get(init, init)
-        if not isinstance(init_name, str) or not (init_name in INITS or _PISSA_NITER.fullmatch(init_name)):
-            raise ConfigError(f"{where}: init_lora_weights={init!r} is not supported by lorakit")
-        target = data.get("target_modules")
-        return cls(
-            r=data.get("r", 8),
-            alpha=data.get("lora_alpha", 8),
-            target_modules=sorted(target) if isinstance(target, (list, set, tuple)) else target,
-            dropout=data.get("lora_dropout", 0.0) or 0.0,
-            bias=data.get("bias", "none"),
-            use_rslora=bool(data.get("use_rslora", False)),
-            init=init_name,
-            use_dora=bool(data.get("use_dora", False)),
-            rank_pattern=dict(data.get("rank_pattern") or {}),
-            alpha_pattern=dict(data.get("alpha_pattern") or {}),
-            exclude_modules=data.get("exclude_modules"),
-            layers_to_transform=data.get("layers_to_transform"),
-            layers_pattern=data.get("layers_pattern"),
-            modules_to_save=data.get("modules_to_save"),
-            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-            task_type=data.get("task_type"),
-            base_model_name_or_path=data.get("base_model_name_or_path"),
-        )
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of PEFT config fields, got {type(data).__name__}")
+        kwargs = peft_file_kwargs(data, _field_names(), where=f"{where}: ")
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from err
+
+    @classmethod
+    def from_peft(cls, config: Any) -> LoraConfig:
+        """Convert a PEFT config: a `peft.LoraConfig` (read through its `to_dict()`) or its dict.
+
+        Raises:
+            ConfigError: `config` is neither, it is not a LoRA config, or it uses a PEFT feature lorakit does not
+                implement (named in the message).
+        """
+        if isinstance(config, dict):
+            return cls.from_peft_dict(config, where="PEFT config")
+        to_dict = getattr(config, "to_dict", None)
+        if not callable(to_dict):
+            raise ConfigError(f"LoraConfig.from_peft: expected a peft.LoraConfig or a dict, got {type(config).__name__}")
+        return cls.from_peft_dict(to_dict(), where=f"peft.{type(config).__name__}")
 
     @property
     def variant(self) -> str:
@@ -176,8 +230,39 @@ class LoraConfig:
         return self.init in ("pissa", "olora") or self.pissa_niter is not None
 
     def replace(self, **changes: Any) -> LoraConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed (validated again); PEFT's names are accepted.
+
+        Raises:
+            ConfigError: an invalid value, or an alias and its field with different values.
+        """
+        return dataclasses.replace(self, **to_lorakit_kwargs(changes, _field_names(), where="LoraConfig.replace: "))
+
+
+def _field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(LoraConfig) if f.init)
+
+
+def _accept_peft_names(init: Any) -> Any:
+    """Wrap the dataclass __init__ so that PEFT's names and metadata fields are read as lorakit's."""
+
+    @functools.wraps(init)
+    def __init__(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
+        names = _field_names()
+        if len(args) > len(names):
+            raise ConfigError(f"LoraConfig takes at most {len(names)} positional arguments, got {len(args)}")
+        given = dict(zip(names, args))
+        twice = sorted(set(given) & set(kwargs))
+        if twice:
+            raise ConfigError(f"LoraConfig: {', '.join(twice)} given both by position and by name")
+        init(self, **to_lorakit_kwargs({**given, **kwargs}, names))
+
+    signature = inspect.signature(init)
+    aliases = [inspect.Parameter(alias, inspect.Parameter.KEYWORD_ONLY, default=None) for alias in ALIASES]
+    __init__.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *aliases])
+    return __init__
+
+
+LoraConfig.__init__ = _accept_peft_names(LoraConfig.__init__)  # type: ignore[method-assign]
 
 
 def match_pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
@@ -196,6 +281,25 @@ def _check_alpha(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"LoraConfig.{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_layer_selection(target: Any, layers: list[int] | None, pattern: Any) -> None:
+    """layers_to_transform / layers_pattern: integer indices, a target they can restrict (PEFT's rules).
+
+    Raises:
+        ConfigError: a regex target with a layer selection, a layers_pattern without indices, a bad index.
+    """
+    if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ConfigError(f"LoraConfig.layers_to_transform must be layer indices (integers >= 0), got {layers!r}")
+    if isinstance(target, str) and target != "all-linear" and (layers is not None or pattern):
+        raise ConfigError(
+            f"LoraConfig.layers_to_transform={layers!r} / layers_pattern={pattern!r} cannot restrict a regex "
+            f"target_modules={target!r}: the regex is matched against the whole module path, so put the layer "
+            f"in it (e.g. r'.*\\.layers\\.1\\..*(q_proj|v_proj)'), or give the names as a list "
+            f"(['q_proj', 'v_proj']) or 'all-linear'. PEFT refuses the same combination.")
+    if pattern and layers is None:
+        raise ConfigError(f"LoraConfig.layers_pattern={pattern!r} needs layers_to_transform (the indices to adapt "
+                          f"in that layer list); without it every layer would be adapted")
 
 
 def _check_regex(name: str, pattern: str) -> None:

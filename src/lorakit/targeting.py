@@ -78,7 +78,7 @@ def is_target(config: LoraConfig, path: str, module: nn.Module, heads: set[str])
         found = False
     else:
         found = _matches_names(target, path)
-    if found and config.layers_to_transform is not None and not isinstance(target, str):
+    if found and config.layers_to_transform is not None:  # names, suffixes or all-linear (a regex is refused)
         index = _layer_index(path, config.layers_pattern)
         found = index is not None and index in config.layers_to_transform
     return found

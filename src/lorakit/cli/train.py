@@ -15,6 +15,7 @@ import types
 import typing
 from typing import Any
 
+from ..config import parse_target_spec
 from ..errors import ConfigError
 from ..train.config import TrainConfig, field_help, field_types
 
@@ -32,12 +33,9 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_targets(text: str) -> list[str] | str:
-    """`q_proj,v_proj` -> a list of names; anything else (all-linear, a regex) stays a string."""
-    if "," in text:
-        return [part.strip() for part in text.split(",") if part.strip()]
-    if text == "all-linear" or any(c in text for c in "*.[]()|^$\\+?"):
-        return text
-    return [text]
+    """`q_proj,v_proj` and `mlp.down_proj` -> a list of names / dotted suffixes; all-linear and a string with
+    a regex metacharacter (`.*q_proj`) stay strings (see lorakit.config.parse_target_spec)."""
+    return parse_target_spec(text)
 
 
 def _converter(annotation: Any) -> Any:

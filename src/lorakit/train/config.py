@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from ..config import parse_target_spec
 from ..errors import ConfigError
+from ..peft_fields import as_bool
 
 TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
@@ -86,6 +88,11 @@ class TrainConfig:
                               ("mixed_precision", PRECISIONS), ("dtype", BASE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        for name, hint in field_types().items():  # YAML's quoted "false" / "no" are False, never truthy
+            if hint is bool:
+                setattr(self, name, as_bool(getattr(self, name), name))
+        if isinstance(self.target_modules, str):  # as on the command line: "mlp.down_proj" is a suffix
+            self.target_modules = parse_target_spec(self.target_modules)
         positive = ("r", "lora_alpha", "learning_rate", "max_length", "per_device_train_batch_size",
                     "per_device_eval_batch_size", "gradient_accumulation_steps", "epochs", "save_total_limit")
         for name in positive:
