@@ -382,6 +382,7 @@ SECTIONS = {
     "qlora": _module_section("qlora"),
     "swap": _module_section("swap"),
     "mixed_batch": _module_section("mixed_batch"),
+    "loading": _module_section("loading"),
 }
 
 

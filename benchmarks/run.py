@@ -40,7 +40,7 @@ import report
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS: tuple[str, ...] = (
-    "train_step", "inference", "merge_save_load", "variants", "qlora", "swap", "mixed_batch",
+    "train_step", "inference", "merge_save_load", "variants", "qlora", "swap", "mixed_batch", "loading",
 )
 # the variants benchmark: lorakit's LoRA, DoRA, LoRA-FA beside PEFT's LoRA and DoRA (training step, dropout 0)
 VARIANT_CONTESTANTS: tuple[str, ...] = ("lorakit", "lorakit:dora", "lorakit:fa", "peft", "peft:dora")

@@ -19,7 +19,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import VOCAB, tiny_bert, tiny_llama, token_ids
 from lorakit.errors import LorakitError, ModelDirError
-from lorakit.loading.stream import empty_nf4_state, label_dim_mismatch, load_nf4_streaming, quantize_nf4_into
+from lorakit.loading.stream import (
+    empty_nf4_state,
+    label_dim_mismatch,
+    load_nf4_streaming,
+    quantize_nf4_into,
+    row_ranges,
+)
 from lorakit.quant import NF4Linear, quantize, quantize_nf4
 
 CPU = torch.device("cpu")
@@ -153,12 +159,14 @@ def test_causal_checkpoint_as_classifier_initialises_score(tmp_path):
     assert model.score.weight.shape == (4, 32) and torch.isfinite(model.score.weight).all()
 
 
-@pytest.mark.parametrize("shape", [(48, 40), (7, 333), (1, 64)])
+@pytest.mark.parametrize("shape", [(48, 40), (301, 33), (130, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_quantisation_writes_the_same_bytes(shape, dtype):
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.05
     state = empty_nf4_state(torch.Size(shape), CPU)
-    quantize_nf4_into(state, weight, dtype, chunk=256)  # several chunks, a short last block, odd element counts
+    ranges = row_ranges(shape, chunk=256)  # several pieces, a short last block, odd element counts
+    assert len(ranges) > 1 and all((hi - lo) * shape[1] % 128 == 0 for lo, hi in ranges[:-1])
+    quantize_nf4_into(state, [weight[lo:hi] for lo, hi in ranges], dtype)
     expected = quantize_nf4(weight.to(dtype))
     for ours, theirs in zip(state.tensors(), expected.tensors(), strict=True):
         assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

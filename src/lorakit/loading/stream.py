@@ -1,20 +1,22 @@
 """Load a safetensors checkpoint straight into NF4 (QLoRA's base) without ever holding the model in full precision.
 
     config ──► skeleton on the meta device (accelerate; buffers real) ──► which nn.Linear to quantise: not `skip`
-    *.safetensors ──► one tensor at a time ──► a quantised Linear's weight: cast to `dtype`, quantize_nf4 on `device`
-                                          └──► anything else: cast to `dtype`, put on `device`
-    then: tied parameters share one tensor, new heads are initialised as transformers would, NF4Linear swapped in
+           ──► the model's tensors and NF4 codes allocated up front (empty), tied names sharing one tensor
+    *.safetensors ──► key by key, in row ranges of ~256 K elements ──► a quantised Linear's weight: cast to `dtype`,
+                                                                      NF4 codes written piece by piece on `device`
+                                                                └──► anything else: copied into its tensor in `dtype`
+    then: new heads initialised as transformers would, NF4Linear swapped in for each quantised Linear
 
-The peak memory of loading is the NF4 model plus one checkpoint tensor and its quantisation temporaries. The
+The peak memory of loading is the NF4 model plus a few row ranges of temporaries (and what malloc keeps). The
 result computes what `quantize(from_pretrained(dir, dtype=dtype), "nf4", compute_dtype, skip)` computes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,109 +26,9 @@ from torch import nn
 from ..errors import ModelDirError
 from ..quant.linear import NF4Linear, check_compute_dtype
 from ..quant.nf4 import ABSMAX_BLOCKSIZE, NF4State, nf4_codes, pack_nibbles, quantize_blockwise_8bit
+from .checkpoint import checkpoint_files, key_renamer, label_dim_mismatch, open_safetensors
 
-SAFETENSORS_NAME = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-QUANT_CHUNK = 1 << 18  # elements of a weight quantised at a time (rounded to whole blocks and bytes)
-PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.bin.index.json")  # refused: loading them runs pickle code
-
-
-# -- the checkpoint's files ------------------------------------------------------------------------------
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The safetensors files of a model directory: the shards named by model.safetensors.index.json, in order,
-    else model.safetensors.
-
-    Raises:
-        ModelDirError: a pickle checkpoint (.bin / .pt) only, an index naming a shard that is missing, an
-            unreadable index, or no weights at all.
-    """
-    index = directory / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ModelDirError(f"{index}: not a readable safetensors index (expected a JSON object with a "
-                                f"'weight_map'): {type(err).__name__}: {err}") from err
-        missing = [name for name in shards if not (directory / name).is_file()]
-        if missing:
-            raise ModelDirError(f"{index} names shard(s) that are not in {directory}: {', '.join(missing)}")
-        return [directory / name for name in shards]
-    if (directory / SAFETENSORS_NAME).is_file():
-        return [directory / SAFETENSORS_NAME]
-    pickles = sorted(p for pattern in PICKLE_PATTERNS for p in directory.glob(pattern))
-    if pickles:
-        raise ModelDirError(f"{pickles[0]}: a PyTorch pickle checkpoint; loading in NF4 reads safetensors only. "
-                            f"Convert it once: transformers' from_pretrained({str(directory)!r}) then "
-                            f"save_pretrained(new_dir) writes model.safetensors")
-    raise ModelDirError(f"model directory {directory} has no weights: expected {SAFETENSORS_NAME} or "
-                        f"{SAFETENSORS_INDEX}")
-
-
-@contextlib.contextmanager
-def open_safetensors(file: Path) -> Iterator[Any]:
-    """safetensors.safe_open on the CPU, reading with pread (not mmap: mapped pages would stay resident).
-
-    Raises:
-        ModelDirError: a file safetensors cannot open (truncated, not safetensors).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        try:
-            handle = safe_open(str(file), framework="pt", device="cpu", backend="pread")
-        except TypeError:  # safetensors < 0.8 has no backend argument: memory-mapped
-            handle = safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ModelDirError(f"{file}: not a readable safetensors file: {err}") from err
-    with handle as reader:
-        yield reader
-
-
-# -- checkpoint keys -> the model's names ----------------------------------------------------------------
-def key_renamer(model: nn.Module, expected: set[str]) -> Callable[[str], str]:
-    """checkpoint key -> the model's key, with the renames transformers applies when loading this architecture
-    (its conversion mapping: legacy names, per-model renames) and the base-model prefix added or stripped.
-
-    Raises (from the returned function):
-        ModelDirError: a key that transformers would convert (split, merge, transpose): not streamable.
-    """
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    present = dict.fromkeys(expected, True)
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # transformers < 5: no conversion mapping, only the prefix
-        return lambda key: _with_prefix(key, prefix, expected)
-    mapping = get_model_conversion_mapping(model)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-
-    def rename(key: str) -> str:
-        found, pattern = rename_source_key(key, renamings, converters, prefix or None, present)
-        if pattern is not None:
-            raise ModelDirError(f"checkpoint key {key!r} needs transformers' weight conversion for "
-                                f"{type(model).__name__} ({pattern}); NF4 streaming cannot load it: load "
-                                f"without quantize and call lorakit.quantize(model, 'nf4')")
-        return found if found in expected or key not in expected else key
-
-    return rename
-
-
-def _with_prefix(key: str, prefix: str, expected: set[str]) -> str:
-    if key in expected or not prefix:
-        return key
-    if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
-    return f"{prefix}.{key}" if f"{prefix}.{key}" in expected else key
-
-
-def label_dim_mismatch(expected: tuple[int, ...], found: tuple[int, ...], labels: int, saved_labels: int) -> bool:
-    """Whether `found` differs from `expected` only where a size-`saved_labels` dimension became `labels`: a
-    classification head saved for another number of labels (re-initialised, as ignore_mismatched_sizes does)."""
-    if labels == saved_labels or len(expected) != len(found) or expected == found:
-        return False
-    return all(e == f or (e, f) == (labels, saved_labels) for e, f in zip(expected, found))
+QUANT_CHUNK = 1 << 18  # elements of a checkpoint tensor read (and quantised) at a time, in whole rows
 
 
 # -- the skeleton ----------------------------------------------------------------------------------------
@@ -190,29 +92,44 @@ def empty_nf4_state(shape: torch.Size, device: torch.device, blocksize: int = 64
                     torch.empty((), dtype=torch.float32, device=device), shape, blocksize)
 
 
-@torch.no_grad()
-def quantize_nf4_into(state: NF4State, weight: torch.Tensor, dtype: torch.dtype, chunk: int = QUANT_CHUNK) -> None:
-    """Write quantize_nf4(weight.to(dtype)) into the preallocated `state` (same bytes), `chunk` elements at a time.
+def row_ranges(shape: tuple[int, ...], chunk: int = QUANT_CHUNK, align: int = 128) -> list[tuple[int, int]]:
+    """Ranges of the first dimension of a tensor of `shape` holding about `chunk` elements each, every range but
+    the last a multiple of `align` elements (whole NF4 blocks and whole bytes); [(0, 1)] for a 0-d tensor."""
+    if not shape:
+        return [(0, 1)]
+    row = math.prod(shape[1:])
+    unit = align // math.gcd(row, align) if row else 1  # rows whose elements fill whole aligned groups
+    rows = max(unit, chunk // max(row, 1) // unit * unit)
+    return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)] or [(0, 0)]
 
-    Blocks are independent, so whole-block chunks give the same codes and block scales; the double quantisation
-    then runs once on all block scales (n / 64 values). The temporaries are a few times one chunk, not the weight.
+
+@torch.no_grad()
+def quantize_nf4_into(state: NF4State, parts: Iterable[torch.Tensor], dtype: torch.dtype) -> None:
+    """Write quantize_nf4(weight.to(dtype)) into the preallocated `state` (the same bytes) from consecutive pieces
+    of the weight (`parts`, e.g. row ranges): every piece but the last must hold whole pairs of blocks.
+
+    Blocks are independent, so piecewise codes and block scales are those of the whole weight; the double
+    quantisation then runs once on all block scales (n / 64 values). Temporaries: a few times one piece.
 
     Raises:
-        ModelDirError: a weight that is not floating point, or whose size differs from `state`'s.
+        ModelDirError: a piece that is not floating point or splits a block, or pieces that do not add up to
+            `state`'s size.
     """
-    if not weight.is_floating_point() or weight.numel() != state.shape.numel():
-        raise ModelDirError(f"NF4: expected a floating-point weight of {state.shape.numel()} elements, found "
-                            f"{weight.dtype} with {weight.numel()}")
     blocksize, device = state.blocksize, state.packed.device
-    step = max(chunk // (2 * blocksize), 1) * 2 * blocksize  # whole blocks and whole bytes
-    flat = weight.detach().reshape(-1)
-    absmax = torch.empty(state.absmax.numel(), dtype=torch.float32, device=device)  # (nb,)
-    for start in range(0, flat.numel(), step):
-        part = flat[start:start + step].to(device, dtype).float()  # rounded to `dtype`, as from_pretrained(dtype)
-        codes, block_absmax = nf4_codes(part, blocksize)
+    absmax = torch.empty(state.absmax.numel(), dtype=torch.float32, device=device)  # (nb,) block scales
+    start = 0
+    for part in parts:
+        if not part.is_floating_point() or start % (2 * blocksize) or start + part.numel() > state.shape.numel():
+            raise ModelDirError(f"NF4: a piece of {part.numel()} {part.dtype} values at element {start} does not "
+                                f"fit a weight of {state.shape.numel()} elements in blocks of {blocksize}")
+        flat = part.reshape(-1).to(device, dtype).float()  # rounded to `dtype`, as from_pretrained(dtype)
+        codes, block_absmax = nf4_codes(flat, blocksize)
         packed = pack_nibbles(codes)
         state.packed[start // 2:start // 2 + packed.numel()].copy_(packed)
         absmax[start // blocksize:start // blocksize + block_absmax.numel()].copy_(block_absmax)
+        start += flat.numel()
+    if start != state.shape.numel():
+        raise ModelDirError(f"NF4: expected {state.shape.numel()} values, found {start}")
     offset = absmax.mean()
     codes8, scale = quantize_blockwise_8bit(absmax - offset)
     state.absmax.copy_(codes8)
@@ -252,22 +169,37 @@ class _Loader:
         return self.dtype
 
     @torch.no_grad()
-    def place(self, name: str, tensor: torch.Tensor) -> None:
-        """Copy checkpoint tensor `tensor` into model key `name` (and so every name tied to it); quantise it for a
-        quantised Linear's weight (the temporary full-precision copy is freed on return)."""
-        if name not in self.canonical:  # a persistent buffer (buffers are real already)
+    def place(self, name: str, reader: Any, key: str, shape: tuple[int, ...]) -> None:
+        """Read checkpoint tensor `key` into model key `name` (and so every name tied to it) in row ranges of about
+        QUANT_CHUNK elements, quantising them for a quantised Linear's weight: no full-size temporary."""
+        if name not in self.canonical:  # a persistent buffer (buffers are real already; small)
+            tensor = reader.get_tensor(key)
             _set_tensor(self.model, name, tensor.to(self.device, self.target_dtype(name, tensor)))
             self.loaded.add(name)
             return
         canonical = self.canonical[name]
-        if canonical in self.plain:
-            self.plain[canonical].copy_(tensor)
-        for alias in self.groups[canonical]:
-            if alias in self.weights:
-                try:
-                    quantize_nf4_into(self.states[self.weights[alias]], tensor, self.dtype)
-                except ModelDirError as err:
-                    raise ModelDirError(f"checkpoint tensor for {name!r}: {err}") from err
+        plain = self.plain.get(canonical)
+        quantised = [self.weights[alias] for alias in self.groups[canonical] if alias in self.weights]
+        piece = reader.get_slice(key)
+
+        def pieces() -> Iterator[torch.Tensor]:
+            for lo, hi in row_ranges(shape):
+                part = piece[lo:hi] if shape else reader.get_tensor(key)
+                if plain is not None:
+                    (plain[lo:hi] if shape else plain).copy_(part)
+                yield part
+
+        if not quantised:
+            for _ in pieces():
+                pass
+        else:
+            try:
+                quantize_nf4_into(self.states[quantised[0]], pieces(), self.dtype)
+            except ModelDirError as err:
+                raise ModelDirError(f"checkpoint tensor {key!r}: {err}") from err
+            for other in quantised[1:]:
+                for dst, src in zip(self.states[other].tensors(), self.states[quantised[0]].tensors(), strict=True):
+                    dst.copy_(src)
         self.loaded.add(canonical)
 
     def read(self, file: Path, rename: Callable[[str], str], tolerated: Callable[[str, tuple, tuple], bool],
@@ -297,11 +229,9 @@ class _Loader:
                                         f"{type(self.model).__name__} expects {list(self.shapes[name])} for "
                                         f"{name!r} (from config.json)")
                 try:
-                    tensor = reader.get_tensor(key)
+                    self.place(name, reader, key, found)
                 except (SafetensorError, OSError) as err:
                     raise ModelDirError(f"{file}: tensor {key!r} cannot be read: {err}") from err
-                self.place(name, tensor)
-                del tensor
 
 
 def _owner_init(model: nn.Module, module_name: str) -> Callable[[nn.Module], None] | None:
@@ -417,7 +347,8 @@ def load_nf4_streaming(directory: Path, auto_cls: Any, config: Any, *, dtype: to
     for name in new:  # a new head that is quantised after all: its fresh weight goes to NF4 like any other
         for alias in loader.groups.get(name, []):
             if alias in loader.weights:
-                quantize_nf4_into(loader.states[loader.weights[alias]], model.get_parameter(alias), dtype)
+                weight = model.get_parameter(alias).detach()
+                quantize_nf4_into(loader.states[loader.weights[alias]], [weight], dtype)
     for name in linears:
         owner, _, leaf = name.rpartition(".")
         bias = model.get_submodule(name).bias
