@@ -1,20 +1,17 @@
-"""LoRA with transformers' Trainer, unchanged: lorakit.attach the adapters, hand the model to Trainer, save the
-adapter with lorakit.save_adapter.
+"""LoRA with transformers' Trainer, unchanged: lorakit.attach the adapters, hand the model to Trainer, save it with
+trainer.save_model() (the adapter, in PEFT's layout).
 
     .venv/bin/python examples/trainer_example.py --out runs/trainer_example --steps 200
 
 Builds a 2-layer Llama from a config (no download), trains rank-8 LoRA on every linear layer to continue
 counting sequences ("3 4 5 6 ..." modulo the vocabulary), and saves the adapter in PEFT's layout.
 
-What to know when lorakit meets Trainer:
-* Trainer's own checkpoints (`save_strategy="steps"`, `trainer.save_model()`) save the *whole* model through
-  save_pretrained, with lorakit's wrapper names in the keys (`...q_proj.base_layer.weight`,
-  `...q_proj.adapters.default.lora_A`). Save the adapter with lorakit.save_adapter instead: the callback below
-  does that at each of Trainer's checkpoints (`resume_from_checkpoint` works: the model it resumes into has the
-  same wrappers). Do not load such a checkpoint's model.safetensors with plain from_pretrained: the adapted
-  layers' weights are not found under their usual names and would be initialised at random.
-* Nothing else is needed: the model keeps its class, config and forward signature, so label handling, loss,
-  gradient accumulation, mixed precision and activation (gradient) checkpointing work as for any model.
+What to know when lorakit meets Trainer: nothing special. The model keeps its class, config and forward
+signature, so label handling, loss, gradient accumulation, mixed precision and activation (gradient) checkpointing
+work as for any model; its save_pretrained writes the adapter in PEFT's layout, so `trainer.save_model()` and
+Trainer's step checkpoints hold the adapter (loadable by peft, transformers' load_adapter and lorakit).
+`lorakit.AdapterCheckpointCallback` adds what Trainer needs to resume from those checkpoints
+(`resume_from_checkpoint`) or to load the best one (`load_best_model_at_end`).
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 import lorakit
 
@@ -64,17 +61,6 @@ class CountingData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-class SaveAdapterCallback(TrainerCallback):
-    """At each of Trainer's checkpoints, write the adapter (PEFT layout) to <output_dir>/checkpoint-<step>/adapter."""
-
-    def __init__(self, name: str = "default") -> None:
-        self.name = name
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None and state.is_world_process_zero:
-            lorakit.save_adapter(model, Path(args.output_dir) / f"checkpoint-{state.global_step}" / "adapter", self.name)
-
-
 def train(
     out_dir: str | Path,
     steps: int = 200,
@@ -86,10 +72,10 @@ def train(
     work_dir: str | Path | None = None,
     save_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Attach LoRA, train with Trainer for `steps` steps, save the adapter to `out_dir`.
+    """Attach LoRA, train with Trainer for `steps` steps, save the adapter to `out_dir` (trainer.save_model).
 
     With `save_steps`, Trainer checkpoints every `save_steps` steps into `work_dir` (default: a temporary
-    directory) and SaveAdapterCallback adds the adapter to each checkpoint (<checkpoint>/adapter).
+    directory); each holds the adapter in PEFT's layout and can be resumed from.
     Returns the model, the Trainer, the logged losses and the adapter directory.
     """
     model = build_model(seed)
@@ -106,7 +92,6 @@ def train(
             lr_scheduler_type="constant",
             warmup_steps=0,
             logging_steps=max(1, steps // 10),
-            # Trainer's own checkpoints hold the whole model (wrapper key names); SaveAdapterCallback adds the adapter
             save_strategy="steps" if save_steps else "no",
             save_steps=save_steps or 500,
             report_to=[],
@@ -117,10 +102,11 @@ def train(
             **{CHECKPOINTING_ARG: gradient_checkpointing},
         )
         trainer = Trainer(model=model, args=args, train_dataset=CountingData(seed=seed),
-                          callbacks=[SaveAdapterCallback()])
+                          callbacks=[lorakit.AdapterCheckpointCallback()])
         result = trainer.train()
+        trainer.save_model(str(out_dir))  # the model's save_pretrained: the adapter in PEFT's layout
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    adapter_dir = lorakit.save_adapter(model, out_dir)
+    adapter_dir = Path(out_dir)
     return {"model": model, "trainer": trainer, "losses": losses, "train_loss": result.training_loss,
             "adapter_dir": adapter_dir}
 
@@ -130,7 +116,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/trainer_example", help="where the adapter is saved")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--save-steps", type=int, default=None, help="Trainer checkpoints (with the adapter) every N steps")
+    parser.add_argument("--save-steps", type=int, default=None, help="Trainer checkpoints (the adapter) every N steps")
     parser.add_argument("--work-dir", default=None, help="Trainer's output_dir (checkpoints); default: a temporary one")
     args = parser.parse_args()
     out = train(args.out, steps=args.steps, gradient_checkpointing=args.gradient_checkpointing,

@@ -45,10 +45,12 @@ def test_trainer_trains_only_the_adapter(example, tmp_path, gradient_checkpointi
     assert out["trainer"].state.global_step == steps
     if gradient_checkpointing:
         assert any(getattr(model, a, False) for a in ("is_activation_checkpointing", "is_gradient_checkpointing"))
-    else:  # Trainer's checkpoint got the adapter too (SaveAdapterCallback), identical to the final one
-        saved = lorakit.io.files.read_weights(tmp_path / "work" / f"checkpoint-{steps}" / "adapter")
+    else:  # Trainer's own checkpoint holds the adapter (PEFT layout, no full model), identical to the final one
+        checkpoint = tmp_path / "work" / f"checkpoint-{steps}"
+        saved = lorakit.io.files.read_weights(checkpoint)
         final = lorakit.io.files.read_weights(Path(out["adapter_dir"]))
         assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
+        assert not (checkpoint / "config.json").exists()
 
     # base weights unchanged, every adapter trained (B started at zero)
     after = base_state(model)

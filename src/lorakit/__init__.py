@@ -37,8 +37,18 @@ from .swap import prepare_swap, swap_adapter
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """`lorakit.AdapterCheckpointCallback`, imported on first use (it imports transformers' Trainer machinery)."""
+    if name == "AdapterCheckpointCallback":
+        from .integrations.trainer import AdapterCheckpointCallback
+
+        return AdapterCheckpointCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
+    "AdapterCheckpointCallback", "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
     "LossyMergeWarning", "ModelDirError", "NF4Linear", "quantize",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
     "disabled", "get_config", "load_adapter", "load_model", "load_tokenizer", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",

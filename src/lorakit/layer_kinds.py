@@ -46,6 +46,10 @@ class LayerKind:
     dequantize: Callable[[nn.Module, torch.dtype | None], Tensor] | None = None
     storage: Callable[[nn.Module], Tensor] | None = None
 
+    def __reduce__(self) -> tuple[Callable[[str], LayerKind], tuple[str]]:
+        """Pickle and deepcopy by name: a model's kinds stay the registry's singletons (`kind is CONV` holds)."""
+        return kind_named, (self.name,)
+
     @property
     def quantized(self) -> bool:
         """Whether the base weight is stored quantised (merging into it re-quantises: see quant.merge)."""
@@ -211,6 +215,19 @@ def weight_dtype(module: nn.Module, kind: LayerKind | None = None) -> torch.dtyp
     if dtype is None:
         dtype = getattr(getattr(module.weight, "quant_state", None), "dtype", None) or torch.float32
     return dtype
+
+
+def kind_named(name: str) -> LayerKind:
+    """The registered LayerKind called `name` (how a pickled or deep-copied model finds its kinds again).
+
+    Raises:
+        KeyError: no registered kind has that name.
+    """
+    _register_bitsandbytes()
+    for kind in (*LAYER_KINDS.values(), BNB_LINEAR4BIT):
+        if kind.name == name:
+            return kind
+    raise KeyError(f"no lorakit layer kind named {name!r}")
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:

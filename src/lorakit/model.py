@@ -5,7 +5,6 @@ merge_and_unload, trainable_parameters. Adapters live in LoraLayer wrappers; the
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError, MergeError
 from .heap import keep_freed_memory
+from .integrations import save_pretrained as _save_pretrained
 from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
 from .mixed import install as _install_mixed_batches
@@ -152,6 +152,7 @@ def attach_at(
     _set_trainable(model, name, fresh_model)
     _install_checkpointing_hook(model)
     _install_mixed_batches(model)  # model(..., adapter_names=[...]) and generate(...)
+    _save_pretrained.install(model)  # save_pretrained writes the active adapters in PEFT's layout
     set_active(model, [name])
     return model
 
@@ -219,15 +220,22 @@ def _install_checkpointing_hook(model: nn.Module) -> None:
         return
     if embeddings is None:
         return
-    model_ref = weakref.ref(model)
+    record.hook = embeddings.register_forward_hook(_InputsRequireGrad(model))
 
-    def make_output_require_grad(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        root = model_ref()
-        if (root is not None and torch.is_tensor(output) and not output.requires_grad
-                and torch.is_grad_enabled() and _checkpointing_on(root)):
+
+class _InputsRequireGrad:
+    """Forward hook on the input embeddings: their output requires grad while `model` checkpoints activations.
+
+    A plain object holding the root model (not a closure), so copy.deepcopy and pickle of the model work.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        if (torch.is_tensor(output) and not output.requires_grad and torch.is_grad_enabled()
+                and _checkpointing_on(self.model)):
             output.requires_grad_(True)
-
-    record.hook = embeddings.register_forward_hook(make_output_require_grad)
 
 
 def _checkpointing_on(model: nn.Module) -> bool:
@@ -305,6 +313,7 @@ def _forget(model: nn.Module) -> None:
     if record is not None and record.hook is not None:
         record.hook.remove()
     _uninstall_mixed_batches(model)
+    _save_pretrained.uninstall(model)  # a plain model saves as a plain model again
 
 
 def merge(

@@ -12,6 +12,7 @@ An adapter not named "default" is saved in <dir>/<name>/, as PEFT does.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def _file_targets(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig
 
 def save_adapter(
     model: nn.Module, path: str | Path, name: str = "default", convert_to_lora: bool = True, *,
-    vllm_check: bool = True,
+    vllm_check: bool = True, state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save adapter `name` in PEFT's layout under `path` (a subfolder `name` unless it is "default").
 
@@ -107,6 +108,9 @@ def save_adapter(
     module or field; `lorakit inspect DIR --check vllm` lists these and what vLLM refuses. `vllm_check=False`
     skips this for files that are not meant for serving (training checkpoints).
 
+    `state_dict` (keyed as `model.state_dict()`; transformers' Trainer passes the gathered one under FSDP /
+    DeepSpeed) supplies the adapter's values where it holds them; default: the model's own tensors.
+
     Atomic: a failure while writing leaves any adapter already in that directory intact.
     Returns the directory written.
 
@@ -116,7 +120,10 @@ def save_adapter(
         AdapterNameError: no adapter `name` on the model.
     """
     config = _file_targets(model, M.get_config(model, name), name)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
+    state = adapter_state(model, name)
+    if state_dict is not None:
+        state = values_in(model, state, state_dict)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     directory = adapter_dir(path, name)
     metadata = {"format": "pt", "producer": "lorakit"}
     config, tensors, metadata = residual.prepare_save(model, name, config, tensors, metadata, convert_to_lora, PREFIX)
@@ -133,6 +140,15 @@ def save_adapter(
             + "\n".join(f"  {finding.where}: {finding.message}" for finding in findings)
         ), stacklevel=2)
     return directory
+
+
+def values_in(
+    model: nn.Module, state: dict[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state` (PEFT file key -> live tensor) with each tensor replaced by its entry in `state_dict`, a dict keyed
+    as `model.state_dict()`, where that holds one."""
+    model_key = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    return {k: state_dict.get(model_key.get(id(t), ""), t) for k, t in state.items()}
 
 
 def _module_paths_in(keys: list[str], where: Path) -> list[str]:

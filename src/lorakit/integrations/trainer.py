@@ -1,0 +1,57 @@
+"""AdapterCheckpointCallback: makes transformers' Trainer (and TRL's trainers) resume from, and load the best of,
+checkpoints that hold only a lorakit adapter.
+
+Trainer's checkpoints of a lorakit model hold the adapter in PEFT's layout (the model's save_pretrained). Trainer
+itself reads a checkpoint's adapter files only for a `peft.PeftModel` (an isinstance check); for any other model
+`resume_from_checkpoint` and `load_best_model_at_end` read `model.safetensors` with `load_state_dict(strict=False)`.
+This callback writes that file into each checkpoint: the trainable state only (every adapter's tensors, the
+modules_to_save copies, trainable biases; a few MB), under the model's own keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import SAFE_WEIGHTS_NAME
+
+from ..errors import ConfigError
+from ..io.files import atomic_write
+from ..model import adapter_names
+from .save_pretrained import trainable_state
+
+
+class AdapterCheckpointCallback(TrainerCallback):
+    """Add the adapter's training state (`model.safetensors`, adapter tensors only) to each Trainer checkpoint.
+
+    With it, `trainer.train(resume_from_checkpoint=...)` continues from the checkpoint's adapter, and
+    `load_best_model_at_end=True` loads the best checkpoint's adapter; the checkpoint's PEFT files
+    (adapter_config.json, adapter_model.safetensors) are unchanged.
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[AdapterCheckpointCallback()])
+    """
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write `<output_dir>/checkpoint-<step>/model.safetensors` (main process only).
+
+        Raises:
+            ConfigError: the model has no lorakit adapter, or the checkpoint directory Trainer just wrote is absent.
+        """
+        if not args.should_save:
+            return
+        if model is None or not adapter_names(model):
+            raise ConfigError(
+                "AdapterCheckpointCallback: the Trainer's model has no lorakit adapter "
+                "(lorakit.attach or lorakit.load_adapter(..., trainable=True) first)"
+            )
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not checkpoint.is_dir():
+            raise ConfigError(f"AdapterCheckpointCallback: Trainer's checkpoint {checkpoint} does not exist")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in trainable_state(model).items()}
+        atomic_write(checkpoint, {SAFE_WEIGHTS_NAME: lambda path: save_file(tensors, str(path), {"format": "pt"})})
