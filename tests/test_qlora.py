@@ -247,7 +247,11 @@ def test_train_quantize_nf4_loss_falls_and_merge_cli(tmp_path, causal_lm_dir, da
         seen["head"] = type(model.lm_head).__name__
         attach(model, cfg, task)
 
+    def no_full_precision_quantize(*args, **kwargs):
+        raise AssertionError("the base was loaded in full precision and then quantised, not quantised as it was read")
+
     monkeypatch.setattr(loop, "attach_for_training", spy)
+    monkeypatch.setattr(loop, "quantize_base", no_full_precision_quantize)
     out = tmp_path / "run"
     assert main(_train_argv(causal_lm_dir, data_file, out, "--quantize", "nf4",
                             "--quantize-compute-dtype", "fp32")) == 0

@@ -33,7 +33,7 @@ class TrainConfig:
     """The resolved configuration of one training run."""
 
     # what to train on
-    model: str | None = None  # model directory (Hugging Face format); none: the embedded MiniLM demo
+    model: str | None = None  # model directory (Hugging Face format) or model ID org/name[@rev]; none: the embedded MiniLM demo
     data: str | None = None  # training data: .jsonl (or .csv for classification)
     out: str = "runs/train"  # output directory: adapter, metrics, checkpoints, resolved config
     task: str = "auto"  # auto | causal-lm | classification (auto: classification if records have "label")

@@ -82,14 +82,21 @@ def quantize_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtyp
 
 
 def quantize_base(model: nn.Module, cfg: TrainConfig, task: str, device: torch.device) -> None:
-    """QLoRA: store the frozen base's Linear layers in NF4 before the adapter is attached. The output head and
-    a classification head (trained in full) stay as they are."""
-    from ..errors import ConfigError
-    from ..quant import NF4Linear, quantize
+    """QLoRA on a model already in memory: store the frozen base's Linear layers in NF4 (before the adapter is
+    attached, or after it for QPiSSA). The output head and a classification head (trained in full) stay."""
+    from ..quant import quantize
     from ..targeting import output_head_names
 
     skip = tuple(output_head_names(model)) + tuple(h for h in HEAD_NAMES if task == "classification")
     quantize(model, cfg.quantize, compute_dtype=quantize_compute_dtype(cfg, device), skip=skip)
+    check_quantized(model, cfg)
+
+
+def check_quantized(model: nn.Module, cfg: TrainConfig) -> None:
+    """Refuse a --quantize that found nothing to quantise (GPT-2's Conv1D layers are not quantised)."""
+    from ..errors import ConfigError
+    from ..quant import NF4Linear
+
     if not any(isinstance(m, NF4Linear) for m in model.modules()):
         raise ConfigError(f"quantize={cfg.quantize!r}: {type(model).__name__} has no nn.Linear layer to quantise "
                           f"besides its heads (GPT-2's Conv1D layers are not quantised); drop --quantize")
@@ -174,25 +181,30 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
     if tokenizer is None or model is None:
         if cfg.model is None:
-            raise LorakitError("no --model given (a model directory in Hugging Face format)")
+            raise LorakitError("no --model given (a model directory in Hugging Face format, or a model ID)")
         from ..hf import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
     task = datasets.task
+    residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
+    # QLoRA from a checkpoint: quantised while it is read (no full-precision copy); QPiSSA needs the exact W0 first
+    streamed = bool(cfg.quantize) and model is None and not residual_init
     if model is None:
-        from ..hf import load_model_dir
+        from ..loading import load_model
 
-        model, _ = load_model_dir(cfg.model, task=task, num_labels=datasets.num_labels or None,
-                                  dtype=cfg.dtype, with_tokenizer=False)
+        model = load_model(cfg.model, dtype=cfg.dtype, device=device, task=task,
+                           num_labels=datasets.num_labels or None, quantize=cfg.quantize if streamed else None,
+                           compute_dtype=quantize_compute_dtype(cfg, device) if streamed else None)
     if task == "classification":
         model.config.label2id = dict(datasets.label2id)
         model.config.id2label = datasets.id2label
     model.to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
-    if cfg.quantize and not residual_init:
+    if streamed:
+        check_quantized(model, cfg)
+    elif cfg.quantize and not residual_init:
         quantize_base(model, cfg, task, device)
     attach_for_training(model, cfg, task)
     if cfg.quantize and residual_init:  # QPiSSA: factor the full-precision W0, then quantise only the residual
