@@ -125,6 +125,8 @@ def adapter_report(
     adapter_dir: str | Path,
     model_dir: str | Path | None = None,
     rel_tol: float = DEFAULT_RANK_TOL,
+    dtype: str | None = "auto",
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Per-module statistics of the adapter in `adapter_dir`, read from its files (no base model needed).
 
@@ -135,7 +137,9 @@ def adapter_report(
     Totals: adapter parameters (every tensor in the file), bytes on disk of the files directly in
     `adapter_dir`, and what a full fine-tune would store: with `model_dir`, every parameter of the model at
     its stored dtype; without, the adapted matrices only at 4 bytes (fp32) per value (`full_ft_basis` says
-    which).
+    which). `model_dir` may be a model ID; `dtype` and `quantize` are lorakit.load_model's (with "nf4", ||W0||
+    is the norm of the dequantised weight, the base a QLoRA adapter trained on, and a quantised weight counts
+    at the dtype of the model's other weights in the full fine-tune size).
 
     Raises:
         AdapterFileError: a missing directory, missing or corrupt files, an unpaired A / B, a module the model
@@ -162,7 +166,8 @@ def adapter_report(
     if model_dir is not None:
         from .hf import adapter_task, load_model_dir
 
-        model, _ = load_model_dir(model_dir, task=adapter_task(directory), dtype="auto", with_tokenizer=False)
+        model, _ = load_model_dir(model_dir, task=adapter_task(directory), dtype=dtype, quantize=quantize,
+                                  with_tokenizer=False)
 
     modules = []
     warnings = []
@@ -248,6 +253,8 @@ def _base_weight(model: torch.nn.Module, path: str, where: Path) -> torch.Tensor
 
 def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes, parameter count) of the model's parameters at their dtype; shared parameters counted once."""
+    from .quant import NF4Linear
+
     seen: set[int] = set()
     total = count = 0
     for param in model.parameters():
@@ -256,6 +263,11 @@ def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:
         seen.add(id(param))
         total += param.numel() * param.element_size()
         count += param.numel()
+    stored = max(((p.element_size(), p.numel()) for p in model.parameters()), key=lambda e: e[1], default=(4, 0))[0]
+    for module in model.modules():  # an NF4 weight, as a full fine-tune would store it: at the model's dtype
+        if isinstance(module, NF4Linear):
+            total += module.out_features * module.in_features * stored
+            count += module.out_features * module.in_features
     return total, count
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from .model_args import add_model_arguments, quantize_arg
 
 CHECKS = ("vllm",)
 
@@ -15,8 +16,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "inspect", help="per-module norms, singular values and effective ranks of an adapter; --check vllm",
     )
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (PEFT layout)")
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="base model directory: adds ||sBA||_F / ||W0||_F and the full fine-tune size")
+    add_model_arguments(parser, required=False,
+                        what="base model (adds ||sBA||_F / ||W0||_F and the full fine-tune size)")
     parser.add_argument("--rank-tol", type=float, default=1e-3,
                         help="numerical rank: count singular values above this fraction of the largest (default: 1e-3)")
     parser.add_argument("--check", choices=CHECKS, default=None,
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..analysis import adapter_report, format_report
 
-    report = adapter_report(args.adapter, model_dir=args.model, rel_tol=args.rank_tol)
+    report = adapter_report(args.adapter, model_dir=args.model, rel_tol=args.rank_tol, dtype=args.dtype,
+                            quantize=quantize_arg(args))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
