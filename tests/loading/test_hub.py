@@ -148,3 +148,16 @@ def test_adapters_keep_their_own_dtype_on_a_bf16_base(tmp_path):
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert layer.adapters["default"].lora_A.dtype == torch.float32
     assert logits(model).dtype == torch.bfloat16
+
+
+def test_saved_adapter_names_its_base_model(hub, tmp_path):
+    """adapter_config.json's base_model_name_or_path: the model ID a model was loaded by (so AutoPeftModel finds
+    it on the hub), or its directory; a value the config already has is kept."""
+    for source, expected in (("org/tiny@old", "org/tiny"), (str(hub["main"]), str(hub["main"]))):
+        model = lorakit.load_model(source)
+        lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+        lorakit.save_adapter(model, tmp_path / "a")
+        assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == expected
+    lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path="mine"), name="b")
+    lorakit.save_adapter(model, tmp_path / "b", name="b")
+    assert json.loads((tmp_path / "b" / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "mine"

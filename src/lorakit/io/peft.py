@@ -120,6 +120,8 @@ def save_adapter(
         AdapterNameError: no adapter `name` on the model.
     """
     config = _file_targets(model, M.get_config(model, name), name)
+    if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
+        config = config.replace(base_model_name_or_path=str(model.name_or_path))  # as PEFT fills it in
     state = adapter_state(model, name)
     if state_dict is not None:
         state = values_in(model, state, state_dict)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelDirError
-from .hub import resolve_model
+from .hub import parse_model_id, resolve_model
 from .options import (
     HEAD_NAMES,
     check_model_dir,
@@ -114,6 +114,8 @@ def load_model(
         except Exception as err:  # noqa: BLE001
             raise ModelDirError(f"model {name_or_path}: could not load it as a {task} model ({auto_cls.__name__}) "
                                 f"from {directory}: {one_line(err)}") from err
+    if not Path(name_or_path).expanduser().exists():  # loaded by model ID: adapters name the ID, as from the hub
+        model.config._name_or_path = model.name_or_path = parse_model_id(str(name_or_path)).repo_id
     model.eval()
     return model
 
