@@ -161,3 +161,19 @@ def test_saved_adapter_names_its_base_model(hub, tmp_path):
     lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path="mine"), name="b")
     lorakit.save_adapter(model, tmp_path / "b", name="b")
     assert json.loads((tmp_path / "b" / "b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "mine"
+
+
+def test_train_by_model_id_with_nf4(hub, tmp_path, capsys):
+    """`lorakit train --model org/name@rev --quantize nf4`: tokenizer and base come from the cache, and the adapter
+    names the ID and fits the revision it trained on."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"one two three {w} four"}) for w in ("cat", "dog", "red")) + "\n")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--model", "org/tiny@old", "--data", str(data), "--out", str(out), "--max-steps", "2",
+                     "--batch-size", "2", "--progress", "false", "--quantize", "nf4"]) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny"  # a repository ID, as PEFT reads the field
+    model = lorakit.load_model("org/tiny@old")
+    lorakit.load_adapter(model, out / "adapter")
+    assert cli_main(["train", "--model", "org/absent", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "org/absent" in capsys.readouterr().err

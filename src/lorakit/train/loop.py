@@ -66,9 +66,20 @@ def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
         r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora, init=cfg.init, modules_to_save=heads or None,
         use_dora=cfg.method == "dora", lora_fa=cfg.method == "lora_fa",
-        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=cfg.model,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=_base_name(cfg.model),
     )
     M.attach(model, lora)
+
+
+def _base_name(model: str | None) -> str | None:
+    """What adapter_config.json's base_model_name_or_path holds: the directory, or the model ID without its
+    @revision (PEFT and AutoPeftModel read the field as a repository ID)."""
+    from ..loading import parse_model_id
+
+    if model is None or Path(model).expanduser().exists():
+        return model
+    model_id = parse_model_id(model)
+    return model_id.repo_id if model_id else model
 
 
 def quantize_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
