@@ -1,4 +1,5 @@
-"""lorakit.heap: after attach, memory freed at the end of a step is reused by the next without page faults."""
+"""lorakit.heap: attach leaves malloc alone; tune_cpu_allocator() (explicit) makes memory freed at the end of a step
+reusable by the next without page faults; LORAKIT_KEEP_HEAP=0 opts out."""
 
 from __future__ import annotations
 
@@ -10,31 +11,34 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc thresholds: Linux only")
 
-# Attach to a tiny model, then run three "steps" that each allocate and touch 24 blocks of 8 MiB (192 MiB, like a
-# step's activations) and free them all; print the most minor page faults of the second and third.
+# Attach to a tiny model (and, with TUNE=1, call lorakit.tune_cpu_allocator()), then run three "steps" that each
+# allocate and touch 24 blocks of 8 MiB (192 MiB, like a step's activations) and free them all. Print the heap
+# module's state right after attach (None: never tried; mallopt's settings cannot be read back), what
+# tune_cpu_allocator() returned, and the most minor page faults of the second and third rounds.
 _CHILD = r"""
-import resource, sys, torch, lorakit
+import os, resource, torch, lorakit, lorakit.heap
 from torch import nn
 model = nn.Sequential(nn.Linear(8, 8))
 lorakit.attach(model, lorakit.LoraConfig(r=2, target_modules=["0"]))
-import lorakit.heap
+attached = lorakit.heap._state
+applied = lorakit.tune_cpu_allocator() if os.environ["TUNE"] == "1" else None
 faults = []
 for _ in range(3):
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     blocks = [torch.empty(2 << 20).fill_(1.0) for _ in range(24)]
     del blocks
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(lorakit.heap.keep_freed_memory(), max(faults[1:]))
+print(attached, applied, max(faults[1:]))
 """
 
 _PAGES = 24 * (8 << 20) // 4096  # pages touched per round
 
 
-def _run(keep: str) -> tuple[bool, int]:
-    env = {**os.environ, "LORAKIT_KEEP_HEAP": keep}
+def _run(keep: str, tune: bool) -> tuple[str, str, int]:
+    env = {**os.environ, "LORAKIT_KEEP_HEAP": keep, "TUNE": "1" if tune else "0"}
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
-    kept, faults = out.stdout.split()
-    return kept == "True", int(faults)
+    attached, applied, faults = out.stdout.split()
+    return attached, applied, int(faults)
 
 
 def _glibc() -> bool:
@@ -47,10 +51,17 @@ def _glibc() -> bool:
     return True
 
 
+def test_attach_alone_leaves_malloc_alone() -> None:
+    """A library call never changes process-wide state: after attach the heap module has not even been tried."""
+    attached, applied, _faults = _run("1", tune=False)
+    assert attached == "None"
+    assert applied == "None"
+
+
 @pytest.mark.skipif(not _glibc(), reason="needs glibc")
-def test_attach_keeps_freed_memory_so_a_later_step_does_not_fault() -> None:
-    kept, faults = _run("1")
-    assert kept
+def test_tune_cpu_allocator_keeps_freed_memory_so_a_later_step_does_not_fault() -> None:
+    _attached, applied, faults = _run("1", tune=True)
+    assert applied == "True"
     assert faults < _PAGES // 20, f"{faults} page faults for a step whose memory was freed and should be reused"
 
 
@@ -58,12 +69,25 @@ def test_attach_keeps_freed_memory_so_a_later_step_does_not_fault() -> None:
 def test_opt_out_leaves_malloc_alone() -> None:
     """With LORAKIT_KEEP_HEAP=0 the thresholds stay glibc's. Whether those fault here depends on where glibc's heap
     top lies (usually 49,120 faults, all 192 MiB; once 2,048), so only the setting is checked."""
-    kept, _faults = _run("0")
-    assert not kept
+    _attached, applied, _faults = _run("0", tune=True)
+    assert applied == "False"
 
 
-def test_keep_freed_memory_is_idempotent() -> None:
+def test_tune_cpu_allocator_is_idempotent_and_public() -> None:
+    import lorakit
     from lorakit import heap
 
-    first = heap.keep_freed_memory()
+    first = lorakit.tune_cpu_allocator()
+    assert heap.tune_cpu_allocator() is first
     assert heap.keep_freed_memory() is first
+
+
+def test_tune_for_training_skips_a_gpu_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit import heap
+
+    calls: list[int] = []
+    monkeypatch.setattr(heap, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    assert heap.tune_for_training("cuda:0") is False
+    assert calls == []
+    assert heap.tune_for_training("cpu") is True
+    assert calls == [1]

@@ -13,6 +13,7 @@ from .errors import (
     ShapeMismatchError,
     TargetError,
 )
+from .heap import tune_cpu_allocator
 from .io import load_adapter, save_adapter
 from .io.vllm import VllmWarning, check_vllm
 from .loading import load_model, load_tokenizer
@@ -56,4 +57,5 @@ __all__ = [
     "combine", "merge_combination",
     "prepare_swap", "swap_adapter",
     "VllmWarning", "check_vllm",
+    "tune_cpu_allocator",
 ]

@@ -1,4 +1,5 @@
 """Keep freed memory in the process (glibc on Linux), so that a CPU training step does not fault its pages in again.
+An explicit, opt-in process setting: `lorakit.tune_cpu_allocator()`; lorakit's own Trainer and CLI call it, attach does not.
 
 glibc's malloc gives the top of its heap back to the kernel whenever more than M_TRIM_THRESHOLD bytes lie free there,
 and serves blocks above M_MMAP_THRESHOLD with a fresh mmap. Both thresholds move with the program (the trim threshold
@@ -11,7 +12,9 @@ adapter settled at none.
 `keep_freed_memory` fixes both thresholds: blocks up to 32 MiB (glibc's largest allowed threshold on 64-bit; also
 the most its dynamic rule ever reaches) come from the heap, and the heap is trimmed only above 2 GiB free. The process
 keeps its high-water mark of freed memory (as PyTorch's CUDA caching allocator does on the GPU); peak memory does not
-grow. `attach` calls it for a model with weights on the CPU; `LORAKIT_KEEP_HEAP=0` leaves malloc as it is.
+grow. This changes the whole process, so a library call never does it as a side effect: a user calls
+`tune_cpu_allocator()` (or `keep_freed_memory()`, the same), and `tune_for_training()` is what `lorakit train` calls.
+`LORAKIT_KEEP_HEAP=0` leaves malloc as it is in every case. Details and numbers: docs/cpu-internals.md.
 """
 
 from __future__ import annotations
@@ -28,16 +31,39 @@ TRIM_THRESHOLD = 2**31 - 1  # bytes: mallopt takes an int
 _state: bool | None = None  # None: not tried yet; then whether the thresholds are set
 
 
-def keep_freed_memory() -> bool:
+def tune_cpu_allocator() -> bool:
     """Fix glibc's malloc thresholds once per process (see the module docstring); True when they are set.
 
-    A no-op returning False off glibc Linux (macOS, Windows, musl), when `LORAKIT_KEEP_HEAP=0`, or when mallopt
-    refuses a value. Idempotent: later calls return the first call's result.
+    A process-wide setting, made only when asked: call it before CPU training with lorakit adapters in your own
+    loop. A no-op returning False off glibc Linux (macOS, Windows, musl), when `LORAKIT_KEEP_HEAP=0`, or when
+    mallopt refuses a value. Idempotent: later calls return the first call's result.
+
+    Raises:
+        Nothing: every failure to apply the setting is the return value False.
     """
     global _state
     if _state is None:
         _state = _set_thresholds()
     return _state
+
+
+keep_freed_memory = tune_cpu_allocator  # the name this function had before it became public
+
+
+def tune_for_training(device: str | None = None) -> bool:
+    """What lorakit's own Trainer / `lorakit train` calls at the start of a run: `tune_cpu_allocator()` when the
+    run trains on the CPU (device "cpu", or None / "auto" without CUDA); False (nothing changed) otherwise.
+
+    Raises:
+        Nothing: see `tune_cpu_allocator`.
+    """
+    if device in (None, "auto"):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not str(device).startswith("cpu"):
+        return False
+    return tune_cpu_allocator()
 
 
 def _set_thresholds() -> bool:

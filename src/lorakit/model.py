@@ -15,7 +15,6 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError, MergeError
-from .heap import keep_freed_memory
 from .integrations import save_pretrained as _save_pretrained
 from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
@@ -116,8 +115,6 @@ def attach_at(
     """
     record = _record(model)
     fresh_model = not record.configs
-    if fresh_model and any(p.device.type == "cpu" for p in model.parameters()):
-        keep_freed_memory()  # CPU training steps reuse freed memory instead of faulting pages in again
     adapter_cls = variant_for(config)
     from_base = config.residual_init and init_from_base
     if from_base:
