@@ -56,6 +56,7 @@ def _build_lorakit(hidden: int, seq: int, n: int) -> Any:
     models.ensure_lorakit_importable()
     import lorakit
 
+    lorakit.tune_cpu_allocator()  # explicit, as in models.attach_lorakit
     model = models.build_base(hidden, max_positions=seq)
     cfg = lorakit.LoraConfig(r=models.LORA_R, alpha=models.LORA_ALPHA, target_modules="all-linear")
     for i in range(n):

@@ -75,6 +75,7 @@ def _write_files(hidden: int, directory: str, ranks: tuple[int, ...]) -> list[st
     models.ensure_lorakit_importable()
     import lorakit
 
+    lorakit.tune_cpu_allocator()  # explicit, as in models.attach_lorakit
     model = models.build_base(hidden)
     paths = []
     for i, rank in enumerate(ranks):

@@ -9,7 +9,8 @@ contestant is, so every benchmark builds them the same way:
              embeddings makes their output require grad so that backward runs and computes
              activation gradients only.  This is the physical floor of any LoRA training step.
 * lorakit -- ``lorakit.attach(model, lorakit.LoraConfig(r=16, alpha=32, target_modules="all-linear",
-             dropout=p))``.
+             dropout=p))``, after ``lorakit.tune_cpu_allocator()`` (glibc's malloc thresholds fixed for the
+             child process, as ``lorakit train`` does; attach itself leaves malloc alone).
 * peft    -- ``peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32,
              target_modules="all-linear", lora_dropout=p))``.
 
@@ -108,6 +109,7 @@ def attach_lorakit(model: torch.nn.Module, dropout: float, variant: str = "") ->
     ensure_lorakit_importable()
     import lorakit
 
+    lorakit.tune_cpu_allocator()  # what lorakit's own trainer does for a CPU run (docs/cpu-internals.md)
     extra = LORAKIT_VARIANTS[variant]
     cfg = lorakit.LoraConfig(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", dropout=dropout, **extra)
     returned = lorakit.attach(model, cfg)

@@ -60,8 +60,9 @@ def _train_section(bench: dict[str, Any], notes: list[str]) -> list[str]:
         "phase of this shared 2-core machine hits both sides of a pair; 'paired x FLOOR' is the median of the "
         "per-pair ratios over all rounds (IQR in brackets). 'x FLOOR' divides the medians of separate processes, "
         "which also gives the memory figures. 'page faults / step' is the median count of minor page faults "
-        "per timed step in those processes (pages the kernel mapped in and zeroed). lorakit's `attach` fixes "
-        "glibc's malloc thresholds for its process (README, 'Memory reuse on the CPU'); the FLOOR and PEFT "
+        "per timed step in those processes (pages the kernel mapped in and zeroed). lorakit's children call "
+        "`lorakit.tune_cpu_allocator()`, which fixes glibc's malloc thresholds for the process as `lorakit train` "
+        "does (attach alone does not; docs/cpu-internals.md); the FLOOR and PEFT "
         "processes keep glibc's defaults, so their separate medians include the faults users of plain PyTorch "
         "and PEFT get, and lorakit's 'x FLOOR' can fall below 1. In a paired child FLOOR shares lorakit's "
         "process and its allocator settings, so the paired ratio compares the computation alone.",
