@@ -349,7 +349,7 @@ def test_unknown_record_names_the_expected_formats(tmp_path):
     path = write_jsonl(tmp_path / "data.jsonl", [{"text": "a"}, {"text": "b"}, {"foo": 1}])
     message = raises(detect_format, read_records(path))
     assert message == (f"{path}:3: record has keys ['foo']; expected one of: {{text}} | {{prompt, completion}}"
-                       " | {instruction, input, output} | {messages} | {text, label}")
+                       " | {instruction, input, output} | {messages} | {conversations} | {text, label}")
     assert EXPECTED in message
 
 
@@ -376,17 +376,18 @@ def test_empty_missing_and_unsupported_files(tmp_path):
 def test_bad_csv(tmp_path):
     path = tmp_path / "data.csv"
     path.write_text("sentence,class\nhello,1\n")
-    assert raises(read_records, path) == (f"{path}: a CSV file needs a header row with columns text,label; "
-                                          "found ['sentence', 'class']")
+    assert raises(read_records, path) == (f"{path}: a CSV file needs a header row with columns text,label (or "
+                                          "text, prompt,completion, instruction,input,output); found "
+                                          "['sentence', 'class']")
     path.write_text("text,label\nhello,1\nworld\n")
     assert raises(read_records, path).startswith(f"{path}:3: row has 1 fields")
 
 
 def test_bad_messages(tmp_path):
-    conv = [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"}]
+    conv = [{"role": "user", "content": "hi"}, {"role": "robot", "content": "42"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": conv}])
     assert raises(detect_format, read_records(path)) == (
-        f"{path}:2: messages[1] has role 'tool'; expected one of: system, user, assistant")
+        f"{path}:2: messages[1] has role 'robot'; expected one of: system, user, assistant, tool")
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user"}]}])
     assert "messages[0] must be an object with keys role and content" in raises(detect_format, read_records(path))
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": []}])

@@ -28,21 +28,20 @@ One call for the training loop::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import DataError
+from . import cache as token_cache
+from .cache import cache_dir
+from .chat import ROLES, check_chat
 from .config import TrainConfig
+from .readers import Records, data_paths, json_type, read_many, read_records, where
 from .tokenize import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_NO_INPUT,
@@ -60,105 +59,12 @@ FORMAT_KEYS = {
     "prompt_completion": "{prompt, completion}",
     "alpaca": "{instruction, input, output}",
     "messages": "{messages}",
+    "sharegpt": "{conversations}",
     "classification": "{text, label}",
 }
 FORMATS = tuple(FORMAT_KEYS)
-LM_FORMATS = ("text", "prompt_completion", "alpaca", "messages")
+LM_FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
 EXPECTED = " | ".join(FORMAT_KEYS.values())
-ROLES = ("system", "user", "assistant")
-EXTENSIONS = (".jsonl", ".csv")
-
-
-class Records(list):
-    """A list of records that remembers its file and the line of each record, for error messages."""
-
-    def __init__(self, items: Sequence[dict[str, Any]] = (), path: str = "",
-                 lines: Sequence[int] | None = None) -> None:
-        super().__init__(items)
-        self.path = str(path)
-        self.lines = list(lines) if lines is not None else list(range(1, len(self) + 1))
-
-
-def _line(records: Sequence[dict[str, Any]], i: int) -> int:
-    lines = getattr(records, "lines", None)
-    return lines[i] if lines is not None and i < len(lines) else i + 1
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (str, "string"), ((int, float), "number"), (list, "array"),
-                       (dict, "object")):
-        if isinstance(value, kind):
-            return name
-    return "null" if value is None else type(value).__name__
-
-
-# -- reading -------------------------------------------------------------------------------------------------
-def read_records(path: str | Path) -> Records:
-    """The records of a .jsonl or .csv file, in file order (DataError: missing file, bad extension, a line
-    that is not a JSON object, a CSV without text/label columns, no records)."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file")
-    if p.is_dir():
-        raise DataError(f"{path}: is a directory; expected a .jsonl or .csv file")
-    ext = p.suffix.lower()
-    if ext not in EXTENSIONS:
-        raise DataError(f"{path}: unsupported file type {ext or '(no extension)'!r}; expected .jsonl "
-                        "(one JSON object per line) or .csv (columns text,label)")
-    try:
-        raw = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err.strerror or err}") from err
-    records = _read_csv(raw, str(path)) if ext == ".csv" else _read_jsonl(raw, str(path))
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
-
-
-def _read_jsonl(raw: str, path: str) -> Records:
-    items, lines = [], []
-    for n, line in enumerate(raw.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a JSON string
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{n}: invalid JSON: {err.msg} (column {err.colno})") from err
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line, got {_json_type(obj)}")
-        items.append(obj)
-        lines.append(n)
-    return Records(items, path, lines)
-
-
-def _read_csv(raw: str, path: str) -> Records:
-    reader = csv.reader(io.StringIO(raw, newline=""))
-    items, lines = [], []
-    try:
-        header = next(reader, None)
-        if header is None:
-            return Records([], path)
-        header = [h.strip() for h in header]
-        if "text" not in header or "label" not in header:
-            raise DataError(f"{path}: a CSV file needs a header row with columns text,label; found {header}")
-        t, lab = header.index("text"), header.index("label")
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: row has {len(row)} fields; the header has "
-                                f"{len(header)}")
-            items.append({"text": row[t], "label": row[lab].strip()})
-            lines.append(reader.line_num)
-    except csv.Error as err:
-        raise DataError(f"{path}:{reader.line_num}: invalid CSV: {err}") from err
-    if items and all(re.fullmatch(r"-?\d+", rec["label"]) for rec in items):
-        for rec in items:
-            rec["label"] = int(rec["label"])
-    return Records(items, path, lines)
 
 
 # -- formats -------------------------------------------------------------------------------------------------
@@ -167,6 +73,8 @@ def record_format(record: dict[str, Any]) -> str | None:
     keys = set(record)
     if "messages" in keys:
         return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if {"prompt", "completion"} <= keys:
@@ -183,26 +91,32 @@ def detect_format(records: Sequence[dict[str, Any]], path: str = "") -> str:
     path = path or getattr(records, "path", "") or "data"
     if not records:
         raise DataError(f"{path}: no records")
-    first, first_line = None, 0
+    first, first_at = None, ""
     for i, record in enumerate(records):
-        where = f"{path}:{_line(records, i)}"
+        at = where(records, i, path)
         fmt = record_format(record)
         if fmt is None:
-            raise DataError(f"{where}: record has keys {sorted(record)}; expected one of: {EXPECTED}")
+            raise DataError(f"{at}: record has keys {sorted(record)}; expected one of: {EXPECTED}")
         if first is None:
-            first, first_line = fmt, _line(records, i)
+            first, first_at = fmt, at
         elif fmt != first:
-            raise DataError(f"{where}: record is {FORMAT_KEYS[fmt]} but line {first_line} is "
+            raise DataError(f"{at}: record is {FORMAT_KEYS[fmt]} but {_short(first_at, at)} is "
                             f"{FORMAT_KEYS[first]}; all records must share one format")
-        _check(record, fmt, where)
+        _check(record, fmt, at)
     assert first is not None
     return first
+
+
+def _short(first_at: str, at: str) -> str:
+    """`first_at` without the file when both are lines of one file (``line 1``), else in full."""
+    head, _, line = first_at.rpartition(":")
+    return f"line {line}" if line.isdigit() and at.rpartition(":")[0] == head else first_at
 
 
 def _check(record: dict[str, Any], fmt: str, where: str) -> None:
     def need_str(key: str, value: Any, optional: bool = False) -> None:
         if not isinstance(value, str) and not (optional and value is None):
-            raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(value)}")
+            raise DataError(f"{where}: field {key!r} must be a string, got {json_type(value)}")
 
     if fmt in ("text", "classification"):
         need_str("text", record["text"])
@@ -213,22 +127,13 @@ def _check(record: dict[str, Any], fmt: str, where: str) -> None:
         need_str("instruction", record["instruction"])
         need_str("input", record.get("input"), optional=True)
         need_str("output", record["output"])
-    elif fmt == "messages":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty array of {{role, content}} objects")
-        for j, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DataError(f"{where}: messages[{j}] must be an object with keys role and content")
-            if message["role"] not in ROLES:
-                raise DataError(f"{where}: messages[{j}] has role {message['role']!r}; expected one of: "
-                                f"{', '.join(ROLES)}")
-            need_str(f"messages[{j}].content", message["content"])
+    elif fmt in ("messages", "sharegpt"):
+        check_chat(record, fmt, where)
     if fmt == "classification":
         label = record["label"]
         if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
             raise DataError(f"{where}: field 'label' must be a non-empty string or an integer, got "
-                            f"{_json_type(label)} {label!r}")
+                            f"{json_type(label)} {label!r}")
 
 
 def resolve_task(task: str, fmt: str, path: str = "") -> str:
@@ -252,20 +157,17 @@ def split_records(records: Sequence[dict[str, Any]], fraction: float, seed: int)
     path = getattr(records, "path", "") or "data"
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"{path}: eval_fraction must be in [0, 1); got {fraction}")
-    n = len(records)
+    recs = records if isinstance(records, Records) else Records(records, path)
+    n = len(recs)
     indices = list(range(n))
     if fraction == 0.0:
-        return Records(records, path, [_line(records, i) for i in indices]), Records([], path)
+        return recs.subset(indices), Records([], path)
     n_eval = max(1, round(n * fraction))
     if n - n_eval < 1:
         raise DataError(f"{path}: {n} record(s) are too few to hold out eval_fraction={fraction}")
     random.Random(seed).shuffle(indices)
     held, kept = sorted(indices[:n_eval]), sorted(indices[n_eval:])
-
-    def subset(idx: list[int]) -> Records:
-        return Records([records[i] for i in idx], path, [_line(records, i) for i in idx])
-
-    return subset(kept), subset(held)
+    return recs.subset(kept), recs.subset(held)
 
 
 # -- batches -------------------------------------------------------------------------------------------------
@@ -331,49 +233,78 @@ class Datasets:
 
 def load_datasets(cfg: TrainConfig, tokenizer: Any, task: str | None = None,
                   records: Sequence[dict[str, Any]] | None = None,
-                  eval_records: Sequence[dict[str, Any]] | None = None) -> Datasets:
+                  eval_records: Sequence[dict[str, Any]] | None = None, cache: bool = True) -> Datasets:
     """Read, check, split and tokenise `cfg.data` (and `cfg.eval_data`, or hold out `cfg.eval_fraction`
     with `cfg.seed`) for `task` (default `cfg.task`; `auto` is resolved from the data).
 
-    `records` / `eval_records` give the data in memory instead of files (e.g. the embedded demo's)."""
+    `cfg.data` / `cfg.eval_data` are one file, a list of files or comma-separated files (concatenated).
+    `records` / `eval_records` give the data in memory instead of files (e.g. the embedded demo's). Data from
+    files is cached tokenised (see `cache.py`; `cache=False` or ``LORAKIT_DATA_CACHE=0`` turns it off).
+
+    Raises:
+        DataError: no data, a bad file, record or field (file and line or row named), task and data that
+            disagree, or nothing left to train on.
+    """
+    paths = [] if records is not None else data_paths(cfg.data)
+    eval_paths = [] if eval_records is not None else data_paths(cfg.eval_data)
+    if records is None and not paths:
+        raise DataError("no training data: pass --data FILE (.jsonl, .json, .csv, .parquet or a save_to_disk "
+                        "directory; several as --data a.jsonl,b.jsonl)")
+    directory = cache_dir() if cache and records is None and eval_records is None else None
+    key = None
+    if directory is not None:
+        settings = {"task": task or cfg.task, "max_length": cfg.max_length, "packing": cfg.packing,
+                    "completion_only": cfg.completion_only,
+                    "split": None if eval_paths or not cfg.eval_fraction else (cfg.eval_fraction, cfg.seed)}
+        try:
+            key = token_cache.cache_key(paths, eval_paths, tokenizer, settings)
+        except OSError:  # a missing or unreadable file: reading it below names the problem
+            key = None
+        fields = token_cache.load(directory, key) if key else None
+        if fields is not None:
+            return Datasets(**fields)
+    datasets = _load(cfg, tokenizer, task, records, eval_records, paths, eval_paths)
+    if directory is not None and key:
+        token_cache.save(directory, key, {f.name: getattr(datasets, f.name) for f in dataclasses.fields(datasets)})
+    return datasets
+
+
+def _load(cfg: TrainConfig, tokenizer: Any, task: str | None, records: Sequence[dict[str, Any]] | None,
+          eval_records: Sequence[dict[str, Any]] | None, paths: list[str], eval_paths: list[str]) -> Datasets:
     if records is not None:
-        records = Records(records, path=cfg.data or "<records>")
-        cfg = dataclasses.replace(cfg, data=records.path)
-    elif not cfg.data:
-        raise DataError("no training data: pass --data FILE (.jsonl, or .csv for classification)")
+        records = Records(records, path=", ".join(paths) or str(cfg.data or "<records>"))
     else:
-        records = read_records(cfg.data)
-    fmt = detect_format(records, cfg.data)
-    task = resolve_task(task or cfg.task, fmt, cfg.data)
+        records = read_many(paths)
+    source = records.path
+    fmt = detect_format(records, source)
+    task = resolve_task(task or cfg.task, fmt, source)
     if eval_records is not None:
         eval_records = Records(eval_records, path="<eval records>")
+    elif eval_paths:
+        eval_records = read_many(eval_paths)
+    if eval_records is not None:
         eval_fmt = detect_format(eval_records, eval_records.path)
         resolve_task(task, eval_fmt, eval_records.path)
-        cfg = dataclasses.replace(cfg, eval_data=eval_records.path)
-    elif cfg.eval_data:
-        eval_records = read_records(cfg.eval_data)
-        eval_fmt = detect_format(eval_records, cfg.eval_data)
-        resolve_task(task, eval_fmt, cfg.eval_data)
+        eval_source = eval_records.path
     else:
         records, eval_records = split_records(records, cfg.eval_fraction, cfg.seed)
-        eval_fmt = fmt
-    eval_source = cfg.eval_data or f"{cfg.data} (held out)"
+        eval_fmt, eval_source = fmt, f"{source} (held out)"
     eval_examples: list[dict[str, Any]] = []
     eval_stats = None
     label2id = None
     if task == "classification":
-        train, label2id, stats = encode_classification(records, tokenizer, cfg.max_length, source=cfg.data)
+        train, label2id, stats = encode_classification(records, tokenizer, cfg.max_length, source=source)
         if eval_records:
             eval_examples, _, eval_stats = encode_classification(eval_records, tokenizer, cfg.max_length,
                                                                  label2id, source=eval_source)
     else:
         options = {"completion_only": cfg.completion_only, "packing": cfg.packing}
-        train, stats = encode_lm(records, fmt, tokenizer, cfg.max_length, source=cfg.data, **options)
+        train, stats = encode_lm(records, fmt, tokenizer, cfg.max_length, source=source, **options)
         if eval_records:
             eval_examples, eval_stats = encode_lm(eval_records, eval_fmt, tokenizer, cfg.max_length,
                                                   source=eval_source, **options)
     if not train:
-        raise DataError(f"{cfg.data}: no example left to train on: all {stats.records} have no token to "
+        raise DataError(f"{source}: no example left to train on: all {stats.records} have no token to "
                         f"learn from within max_length={cfg.max_length}")
     return Datasets(task=task, format=fmt, train=train, eval=eval_examples, train_stats=stats,
                     eval_stats=eval_stats, pad_id=pad_token_id(tokenizer), label2id=label2id,
@@ -384,5 +315,5 @@ __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "EXPECTED", "FORMATS", "FORMAT_KEYS", "IGNORE_INDEX", "ROLES",
     "DataError", "DataStats", "Datasets", "Records", "build_label2id", "collate_classification", "collate_lm",
     "detect_format", "encode_classification", "encode_lm", "load_datasets", "pad_token_id", "read_records",
-    "record_format", "render_prompt", "resolve_task", "split_records",
+    "read_many", "record_format", "render_prompt", "resolve_task", "split_records",
 ]

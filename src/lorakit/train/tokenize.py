@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
+from .chat import to_messages
+from .readers import where
 
 IGNORE_INDEX = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -97,8 +99,13 @@ def encode_lm(
     """
     stats = DataStats(records=len(records), max_length=max_length, source=source)
     eos = tokenizer.eos_token_id
-    rendered = [_render_lm(rec, fmt, tokenizer, completion_only, source) for rec in records]
-    special = fmt != "messages"  # chat templates write their own BOS
+    if fmt in ("messages", "sharegpt") and getattr(tokenizer, "chat_template", None) is None:
+        keys = "{messages}" if fmt == "messages" else "{conversations}"
+        raise DataError(f"{source or 'data'}: {keys} records need a tokenizer with a chat template, and this "
+                        "one has none (use {prompt, completion} records instead)")
+    rendered = [_render_lm(rec, fmt, tokenizer, completion_only, where(records, i, source))
+                for i, rec in enumerate(records)]
+    special = fmt not in ("messages", "sharegpt")  # chat templates write their own BOS
     encoded = tokenize_with_spans(tokenizer, [r[0] for r in rendered], [r[1] for r in rendered], special)
     pairs = []
     for (_, spans, append_eos), (ids, mask) in zip(rendered, encoded):
@@ -155,7 +162,7 @@ def _pack(pairs: list[tuple[list[int], list[int]]], max_length: int, eos: int | 
 
 
 def _render_lm(record: dict[str, Any], fmt: str, tokenizer: Any, completion_only: bool,
-               source: str) -> tuple[str, list[Span] | None, bool]:
+               where: str) -> tuple[str, list[Span] | None, bool]:
     """(text, character spans that count in the loss or None for all, whether to append EOS)."""
     if fmt == "text":
         return record["text"], None, True
@@ -163,52 +170,81 @@ def _render_lm(record: dict[str, Any], fmt: str, tokenizer: Any, completion_only
         prompt = render_prompt(record, fmt)
         text = prompt + record["completion" if fmt == "prompt_completion" else "output"]
         return text, [(len(prompt), len(text))] if completion_only else None, True
-    if fmt == "messages":
-        messages = record["messages"]
-        text = _chat(tokenizer, messages, False, source)
-        return text, assistant_spans(tokenizer, messages, text) if completion_only else None, False
+    if fmt in ("messages", "sharegpt"):
+        messages, tools = to_messages(record, fmt), record.get("tools") or None
+        text = _chat(tokenizer, messages, tools, where)
+        check_rendered(tokenizer, messages, tools, text, where)
+        spans = assistant_spans(tokenizer, messages, text, tools) if completion_only else None
+        return text, spans, False
     raise ValueError(f"not a causal LM format: {fmt!r}")
 
 
-def _chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool, source: str) -> str:
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError(f"{source or 'data'}: {{messages}} records need a tokenizer with a chat template, "
-                        "and this one has none (use {prompt, completion} records instead)")
+def _chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+          where: str) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return _apply(tokenizer, messages, False, tools)
     except Exception as err:  # jinja errors, raise_exception() in the template, ...
-        raise DataError(f"{source or 'data'}: the tokenizer's chat template failed on a conversation: "
+        raise DataError(f"{where}: the tokenizer's chat template failed on a conversation: "
                         f"{type(err).__name__}: {err}") from err
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[Span]:
+def _apply(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool,
+           tools: list[dict[str, Any]] | None) -> str:
+    kwargs = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **kwargs)
+
+
+def check_rendered(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                   text: str, where: str) -> None:
+    """DataError if the chat template dropped something the record holds: a turn's content, a tool call,
+    or the `tools` field (rendered text identical without it)."""
+    for j, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str) and content.strip() and content.strip() not in text:
+            raise DataError(f"{where}: the tokenizer's chat template does not render messages[{j}] (role "
+                            f"{message['role']!r}); use a template that supports this role")
+        for call in message.get("tool_calls") or ():
+            name = (call.get("function") or {}).get("name") if isinstance(call, dict) else None
+            if not name or name not in text:
+                raise DataError(f"{where}: the tokenizer's chat template does not render the tool call in "
+                                f"messages[{j}] (tool_calls with a function name expected)")
+    if tools and _apply(tokenizer, messages, False, None) == text:
+        raise DataError(f"{where}: field 'tools' is ignored by the tokenizer's chat template (the text is "
+                        "the same without it); use a template that renders tools, or remove the field")
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str,
+                    tools: list[dict[str, Any]] | None = None) -> list[Span]:
     """Character spans of `text` (the rendered conversation) that belong to assistant turns."""
     spans = []
     cursor = 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        content = message.get("content") or ""
         # the conversation rendered up to this turn (with the generation prompt), and through it
-        before = _try_chat(tokenizer, messages[:i], True) if i else None
-        through = _try_chat(tokenizer, messages[:i + 1], False)
+        before = _try_chat(tokenizer, messages[:i], True, tools) if i else None
+        through = _try_chat(tokenizer, messages[:i + 1], False, tools)
         if before is not None and text.startswith(before) and len(before) >= cursor:
             start = len(before)
         else:  # a template that renders a prefix differently: find the content itself
-            start = text.find(message["content"], cursor)
+            start = text.find(content, cursor) if content else -1
         if start < 0:
             continue  # the template does not render this turn verbatim: it cannot count
         if through is not None and text.startswith(through) and len(through) > start:
             end = len(through)
         else:
-            end = start + len(message["content"])
+            end = start + len(content)
         spans.append((start, end))
         cursor = end
     return spans
 
 
-def _try_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str | None:
+def _try_chat(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool,
+              tools: list[dict[str, Any]] | None = None) -> str | None:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return _apply(tokenizer, messages, generation_prompt, tools)
     except Exception:  # some templates refuse a partial conversation (raise_exception, ...)
         return None
 
