@@ -5,31 +5,32 @@ Every option of TrainConfig is a flag (`--max-steps`, `--lora-alpha`, ...); `--c
 any of them, and flags given on the command line override the file. The adapter method is `--method lora |
 dora | lora_fa | full`, its init `--init kaiming | gaussian | pissa | pissa_niter_<n> | olora`, and
 `--loraplus-ratio 16` trains B at 16 times A's learning rate (LoRA+).
+
+Spellings: `--learning_rate` works as well as `--learning-rate`; a boolean option is a bare flag (`--packing`),
+turned off with `--no-packing`, and still takes a value (`--packing false`). "none" clears an optional option.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
-import typing
 from typing import Any
 
 from ..config import parse_target_spec
 from ..errors import ConfigError
+from ..peft_fields import as_bool
 from ..train.config import TrainConfig, field_help, field_types
+from ..train.config_values import convert_value, type_name
 
 ALIASES = {"learning_rate": ["--lr"], "per_device_train_batch_size": ["--batch-size"], "r": ["--rank"],
            "epochs": ["--num-train-epochs"]}
 
 
 def _parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    try:
+        return as_bool(text, "value")
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}") from err
 
 
 def _parse_targets(text: str) -> list[str] | str:
@@ -38,15 +39,50 @@ def _parse_targets(text: str) -> list[str] | str:
     return parse_target_spec(text)
 
 
-def _converter(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        annotation = args[0]
+def _converter(name: str, annotation: Any) -> Any:
+    """The argparse `type` of a field: its own conversion (config_values.convert_value), target_modules parsed as
+    the Python API reads it."""
+    if name == "target_modules":
+        return _parse_targets
+
+    def convert(text: str) -> Any:
+        try:
+            return convert_value(text, annotation, name)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(f"expected {type_name(annotation)}, got {text!r}") from err
+
+    convert.__name__ = type_name(annotation)  # argparse names it in "invalid <type> value"
+    return convert
+
+
+def _flag_names(name: str) -> tuple[list[str], list[str]]:
+    """(shown, hidden) option strings of a field: `--max-steps` and its aliases shown; the underscore
+    spellings (`--max_steps`, `--num_train_epochs`) accepted but left out of --help."""
+    shown = [f"--{name.replace('_', '-')}"] + ALIASES.get(name, [])
+    hidden = [flag.replace("-", "_").replace("__", "--", 1) for flag in shown]
+    return shown, [flag for flag in dict.fromkeys(hidden) if flag not in shown]
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any, help_text: str) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    shown, hidden = _flag_names(f.name)
+    common = {"dest": f.name, "default": argparse.SUPPRESS}
     if annotation is bool:
-        return _parse_bool
-    if annotation in (int, float, str):
-        return annotation
-    return _parse_targets  # list[str] | str
+        off = f"--no-{f.name.replace('_', '-')}"
+        value = {**common, "nargs": "?", "const": True, "type": _parse_bool}  # bare --packing: const
+        parser.add_argument(*shown, **value, metavar="BOOL",
+                            help=f"{help_text} (default: {default}; bare {shown[0]}: true, {off}: false)")
+        if hidden:
+            parser.add_argument(*hidden, **value, help=argparse.SUPPRESS)
+        offs = [off] + ([f"--no_{f.name}"] if "_" in f.name else [])  # named in the help text above
+        parser.add_argument(*offs, **common, action="store_const", const=False, help=argparse.SUPPRESS)
+        return
+    kwargs = {**common, "type": _converter(f.name, annotation), "metavar": f.name.upper()}
+    if f.name == "resume":  # a bare --resume: the newest checkpoint in --out (train.rundir.resolve_resume)
+        kwargs.update(nargs="?", const="latest")
+    parser.add_argument(*shown, **kwargs, help=f"{help_text} (default: {default})")
+    if hidden:
+        parser.add_argument(*hidden, **kwargs, help=argparse.SUPPRESS)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -58,12 +94,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="embedded demo only: a small, fast version")
     helps, types_ = field_help(), field_types()
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else None
-        flags = [f"--{f.name.replace('_', '-')}"] + ALIASES.get(f.name, [])
-        parser.add_argument(
-            *flags, dest=f.name, type=_converter(types_[f.name]), default=argparse.SUPPRESS,
-            metavar=f.name.upper(), help=f"{helps.get(f.name, '')} (default: {default})",
-        )
+        _add_field(parser, f, types_[f.name], helps.get(f.name, ""))
     parser.set_defaults(func=run)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from ..config import parse_target_spec
 from ..errors import ConfigError
-from ..peft_fields import as_bool
+from .config_values import convert_fields, convert_value, load_yaml
 
 TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
@@ -84,13 +84,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first invalid field."""
+        for name, hint in field_types().items():  # "1e-3" -> 1e-3, "8" -> 8, "false" -> False (never truthy)
+            setattr(self, name, convert_value(getattr(self, name), hint, name))
         for name, choices in (("task", TASKS), ("method", METHODS), ("lr_scheduler_type", SCHEDULES),
                               ("mixed_precision", PRECISIONS), ("dtype", BASE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        for name, hint in field_types().items():  # YAML's quoted "false" / "no" are False, never truthy
-            if hint is bool:
-                setattr(self, name, as_bool(getattr(self, name), name))
         if isinstance(self.target_modules, str):  # as on the command line: "mlp.down_proj" is a suffix
             self.target_modules = parse_target_spec(self.target_modules)
         positive = ("r", "lora_alpha", "learning_rate", "max_length", "per_device_train_batch_size",
@@ -163,19 +162,14 @@ class TrainConfig:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
+    """A YAML run file's options, each converted to its field's type (see config_values)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    aliases = {"num_train_epochs": "epochs"}
-    data = {aliases.get(k, k): v for k, v in data.items()}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"config file {path}: unknown option(s) {', '.join(unknown)}")
-    return data
+        raise ConfigError(f"config file {path} must hold a mapping of option: value; found {type(data).__name__}")
+    return convert_fields(data, field_types(), f"config file {path}")
 
 
 def field_types() -> dict[str, Any]:
