@@ -1,0 +1,345 @@
+"""The Trainer: the optimisation loop of `lorakit train` (AdamW or a given optimizer, warm-up + decay, gradient
+accumulation and clipping, autocast and fp16 loss scaling) with callbacks for everything around it.
+
+The data order is a function of (seed, epoch) and the position is the global step, so a resumed run draws
+the same batches, the same dropout masks (RNG states are restored) and reproduces the loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import model as M
+from ..errors import ConfigError
+from ..io import save_adapter
+from ..optim import loraplus_optimizer
+from . import checkpoint as ckpt
+from . import precision
+from .callbacks import (
+    BestMetric,
+    Callback,
+    Checkpointing,
+    Diagnostics,
+    Evaluation,
+    NanStop,
+    StepLog,
+    StepOutput,
+)
+from .config import TrainConfig
+from .loggers import make_loggers
+from .precision import TrainingError, autocast_context
+from .progress import Progress
+from .schedule import lr_factor
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out_dir: Path
+    saved_dir: Path  # the adapter (lora) or the model (full)
+    steps: int  # the last optimizer step done (fewer than planned when a callback stopped the run)
+    losses: list[float] = field(default_factory=list)  # training loss of every optimizer step
+    eval: dict[str, float] = field(default_factory=dict)  # final evaluation
+    trainable: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    task: str = "causal-lm"
+    stopped_early: bool = False  # a callback set trainer.should_stop
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: one learning rate, or LoRA+ groups when loraplus_ratio is set."""
+    if cfg.loraplus_ratio is not None:
+        return loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate, ratio=cfg.loraplus_ratio,
+                                  weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+class Batches:
+    """Micro-batch `m` of the run: epoch m // per_epoch, drawn from a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Any) -> None:
+        self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
+        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, m: int) -> dict[str, torch.Tensor]:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.examples), generator=gen))
+        index = self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
+        return self.collate([self.examples[i] for i in index.tolist()])
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples: list[Any], collate: Any, cfg: TrainConfig, task: str,
+             device: torch.device) -> dict[str, float]:
+    """LM: token-weighted loss and perplexity. Classification: loss and accuracy."""
+    if not examples:
+        return {}
+    was_training = model.training
+    model.eval()
+    total_loss = weight = correct = 0.0
+    with autocast_context(cfg.mixed_precision, device):
+        for start in range(0, len(examples), cfg.per_device_eval_batch_size):
+            batch = _to(collate(examples[start:start + cfg.per_device_eval_batch_size]), device)
+            output = model(**batch)
+            if task == "classification":
+                n = batch["labels"].numel()
+                correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
+            else:
+                n = (batch["labels"][:, 1:] != -100).sum().item()  # tokens that carry loss
+            total_loss += output.loss.float().item() * n
+            weight += n
+    model.train(was_training)
+    loss = total_loss / max(weight, 1)
+    if task == "classification":
+        return {"eval_loss": loss, "eval_accuracy": correct / max(weight, 1)}
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def default_collate(task: str, model: nn.Module) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+    """Right-padding collate of the task, padded with the model's pad_token_id (0 when it has none)."""
+    from .data import collate_classification, collate_lm
+
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    fn = collate_classification if task == "classification" else collate_lm
+    return lambda batch: fn(batch, pad_id)
+
+
+class Trainer:
+    """Train `model`'s trainable parameters (an attached adapter, or all of them for full fine-tuning) on
+    tokenised examples, as `config` describes; `fit()` runs, calls the callbacks and returns a TrainResult.
+
+    Built-in callbacks come from the config (NaN stop, diagnostics, step log, evaluation, early stopping /
+    load-best, checkpoints, progress, loggers); `callbacks` run after the first two and before the step log,
+    so the metrics they return are in the step's record. Stop a run with `trainer.should_stop = True`.
+
+    Args:
+        model: the model, adapters attached; it is moved to nothing (place it on `device` first).
+        config: a TrainConfig (out, steps, optimisation, logging, evaluation and checkpoint settings).
+        train_data: tokenised examples (dicts of input_ids / labels / attention_mask lists), as collate takes.
+        eval_data: tokenised validation examples, or None.
+        callbacks: user callbacks (lorakit.train.Callback subclasses).
+        collate: examples -> a batch of tensors (default: right padding for the task).
+        task: "causal-lm" or "classification" (evaluation metrics).
+        tokenizer: saved next to a fully fine-tuned model.
+        optimizer: default: AdamW (LoRA+ groups with loraplus_ratio).
+
+    Raises:
+        ConfigError: early stopping or load_best_at_end without validation data; report_to naming a missing
+            package; no trainable parameter.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[Any], eval_data: list[Any] | None = None,
+                 callbacks: list[Callback] | None = None, *, collate: Callable | None = None,
+                 task: str = "causal-lm", tokenizer: Any = None, optimizer: torch.optim.Optimizer | None = None,
+                 device: torch.device | None = None) -> None:
+        cfg = self.config = config
+        self.model, self.task, self.tokenizer = model, task, tokenizer
+        self.train_data, self.eval_data = list(train_data), list(eval_data or [])
+        self.collate = collate or default_collate(task, model)
+        self.device = device or next(model.parameters()).device
+        self.out_dir = Path(cfg.out)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("Trainer: the model has no trainable parameter (attach an adapter first)")
+        if (cfg.early_stopping_patience or cfg.load_best_at_end) and not self.eval_data:
+            raise ConfigError("early_stopping_patience / load_best_at_end need validation data: give eval_data "
+                              "or eval_fraction > 0 (found none)")
+        self.saves = "full" if cfg.method == "full" else "lora"  # checkpoints hold the whole model or the adapter
+        self.saves_name = "model" if self.saves == "full" else "adapter"
+        self.batches = Batches(self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.collate)
+        self.steps_per_epoch = math.ceil(self.batches.per_epoch / cfg.gradient_accumulation_steps)
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        self.optimizer = optimizer or build_optimizer(model, cfg)
+        self.schedule = lr_factor(cfg.lr_scheduler_type, warmup, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.scaler = precision.make_scaler(cfg.mixed_precision, model, self.device)  # fp16: loss scaling
+        self.start_step, self.losses = 0, []
+        self.last_checkpoint: Path | None = None
+        self.should_stop = self.evaluating_final = False
+        self._skipped = 0  # optimizer steps skipped in a row by the loss scaler (inf / nan gradients)
+        self._extra: dict[str, Any] = {}
+        self.progress = Progress(bar=cfg.progress)
+        self.callbacks = self._default_callbacks(callbacks or [])
+
+    def _default_callbacks(self, user: list[Callback]) -> list[Callback]:
+        cfg = self.config
+        pre: list[Callback] = [NanStop()]
+        if self.saves == "lora" and cfg.diagnostics_steps:
+            pre.append(Diagnostics(cfg.diagnostics_steps))
+        post: list[Callback] = [StepLog(cfg.logging_steps, self.steps_per_epoch)]
+        if cfg.eval_steps and self.eval_data:
+            post.append(Evaluation(cfg.eval_steps))
+        if cfg.early_stopping_patience or cfg.load_best_at_end:
+            post.append(BestMetric(cfg.metric_for_best_model, cfg.early_stopping_patience, cfg.load_best_at_end))
+        if cfg.save_steps:
+            post.append(Checkpointing(cfg.save_steps))
+        return [*pre, *user, *post, self.progress]
+
+    # -- what callbacks call ------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        """Hand a record to every callback's on_log (metrics.jsonl, TensorBoard, W&B, the plain progress line)."""
+        for callback in self.callbacks:
+            callback.on_log(self, record)
+
+    def message(self, text: str) -> None:
+        """A line for the user, written above the progress bar."""
+        self.progress.write(text)
+
+    def pop_extra_metrics(self) -> dict[str, Any]:
+        """The metrics callbacks returned from on_step_end since the last step record."""
+        extra, self._extra = self._extra, {}
+        return extra
+
+    def run_evaluation(self, step: int) -> dict[str, float]:
+        """Evaluate on eval_data, call on_evaluate (returned dicts join the metrics), log and print them."""
+        metrics = evaluate(self.model, self.eval_data, self.collate, self.config, self.task, self.device)
+        if not metrics:
+            return metrics
+        for callback in self.callbacks:
+            extra = callback.on_evaluate(self, step, metrics)
+            if extra:
+                metrics.update(extra)
+        self.log({"step": step, **metrics})
+        self.message(("final eval: " if self.evaluating_final else f"eval at step {step}: ") + _fmt(metrics))
+        return metrics
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Write checkpoint `step` (train/checkpoint.py) with the callbacks' state; call on_save."""
+        state = {"config": self.config.to_dict(), "losses": self.losses,
+                 "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()}}
+        self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, step, self.model, self.saves, self.optimizer,
+                                                    self.scheduler, state, self.config.save_total_limit, self.scaler)
+        for callback in self.callbacks:
+            callback.on_save(self, step, self.last_checkpoint)
+        return self.last_checkpoint
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable parameters (on the CPU), by name."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def resume(self, directory: Path) -> None:
+        """Continue from checkpoint `directory`: weights, optimizer, scheduler, scaler, RNG, callbacks' state.
+
+        Raises:
+            ResumeError: not a checkpoint, or one from a run with other trajectory settings.
+        """
+        state = ckpt.read_state(directory, self.config.to_dict())
+        ckpt.restore(directory, self.model, self.saves, self.optimizer, self.scheduler, self.scaler)
+        self.start_step, self.losses = state["global_step"], list(state.get("losses", []))
+        self.last_checkpoint = directory
+        saved = state.get("callbacks", {})
+        for callback in self.callbacks:
+            if type(callback).__name__ in saved:
+                callback.load_state_dict(saved[type(callback).__name__])
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train from `start_step` (0, or the resumed checkpoint's) to total_steps or until a callback stops.
+
+        Raises:
+            TrainingError: a non-finite loss, or a collapsed fp16 loss scale (the last checkpoint is named).
+        """
+        cfg = self.config
+        loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict())
+        self.callbacks.extend(loggers)
+        step, final = self.start_step, {}
+        try:
+            for callback in self.callbacks:
+                callback.on_train_begin(self)
+            self.model.train()
+            started = time.perf_counter()
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                self._step(step)
+                if self.should_stop:
+                    break
+            seconds = time.perf_counter() - started
+            for callback in self.callbacks:
+                callback.on_loop_end(self, step)
+            self.evaluating_final = True
+            final = self.run_evaluation(step) if self.eval_data else {}
+            saved = self.save_final()
+            trainable, total = M.trainable_parameters(self.model)
+            result = TrainResult(out_dir=self.out_dir, saved_dir=saved, steps=step, losses=self.losses, eval=final,
+                                 trainable=trainable, total=total, seconds=seconds, task=self.task,
+                                 stopped_early=self.should_stop)
+            for callback in self.callbacks:
+                callback.on_train_end(self, result)
+        finally:
+            for callback in self.callbacks:
+                callback.close()
+            del self.callbacks[len(self.callbacks) - len(loggers):]
+        return result
+
+    def _step(self, step: int) -> None:
+        cfg, accumulate = self.config, self.config.gradient_accumulation_steps
+        step_loss, tokens = 0.0, 0
+        for micro in range(accumulate):
+            batch = self.batches((step - 1) * accumulate + micro)
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0  # on the CPU: no sync
+            batch = _to(batch, self.device)
+            with autocast_context(cfg.mixed_precision, self.device):
+                loss = self.model(**batch).loss / accumulate
+            self.scaler.scale(loss).backward()
+            step_loss += loss.item()
+        self.scaler.unscale_(self.optimizer)  # true gradients for clipping and diagnostics (no-op without scaling)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        for callback in self.callbacks:
+            callback.on_pre_optimizer_step(self, step, step_loss)
+        if precision.optimizer_step(self.scaler, self.optimizer):
+            self.scheduler.step()  # as transformers' Trainer: a skipped step does not advance the schedule
+            self._skipped = 0
+        else:
+            self._skipped += 1
+            if precision.scale_collapsed(self.scaler.get_scale()):
+                raise TrainingError(precision.collapse_message(step, self.scaler.get_scale(), self._skipped,
+                                                               self.last_checkpoint))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(step_loss)
+        out = StepOutput(step=step, loss=step_loss, lr=cfg.learning_rate * self.schedule(self.scheduler.last_epoch),
+                         grad_norm=grad_norm, tokens=tokens)
+        for callback in self.callbacks:
+            extra = callback.on_step_end(self, out)
+            if extra:
+                self._extra.update(extra)
+
+    def save_final(self) -> Path:
+        """The adapter (PiSSA / OLoRA converted to a plain LoRA on the original weights) or the full model."""
+        if self.saves == "lora":
+            convert = M.get_config(self.model, "default").residual_init
+            saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert)
+        else:
+            saved = self.out_dir / "model"
+            self.model.save_pretrained(saved)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(saved)
+        self.message(f"saved {self.saves_name} to {saved}")
+        return saved
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
