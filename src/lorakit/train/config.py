@@ -18,6 +18,7 @@ import yaml
 from ..config import parse_target_spec
 from ..errors import ConfigError
 from .config_values import convert_fields, convert_value, load_yaml
+from .loggers import parse_report_to
 
 TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
@@ -78,6 +79,10 @@ class TrainConfig:
     resume: str | None = None  # checkpoint directory to continue from
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bar on a terminal
+    report_to: str = "jsonl"  # loggers, comma-separated: jsonl (always written), tensorboard, wandb
+    early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: off; needs eval_steps)
+    metric_for_best_model: str = "eval_loss"  # early stopping / load_best_at_end metric (*loss, *perplexity: lower)
+    load_best_at_end: bool = False  # save (and load back) the adapter of the best evaluation, not the last step
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +111,18 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
         self._validate_adapter_method()
         self._validate_quantize()
+        self._validate_callbacks()
+
+    def _validate_callbacks(self) -> None:
+        """report_to names known loggers; early stopping and load_best_at_end need periodic evaluation."""
+        self.report_to = ",".join(parse_report_to(self.report_to))
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"early_stopping_patience must be >= 0; got {self.early_stopping_patience!r}")
+        for name, on in (("early_stopping_patience", self.early_stopping_patience > 0),
+                         ("load_best_at_end", self.load_best_at_end)):
+            if on and self.eval_steps <= 0:
+                raise ConfigError(f"{name} needs evaluation during training: set eval_steps > 0 (got "
+                                  f"{self.eval_steps}) and validation data (eval_data or eval_fraction)")
 
     def _validate_quantize(self) -> None:
         """quantize (none / nf4) and its compute dtype; a quantised base needs an adapter. With init pissa / olora
