@@ -1,16 +1,19 @@
 """Checkpoints of a training run: adapter (PEFT format) or trainable weights, optimizer, scheduler, fp16 loss
 scaler, RNG states and the data position (the global step), so that `--resume` continues the exact loss curve.
 
-A checkpoint is written to a temporary directory and renamed into place; only then are checkpoints beyond
-the last K removed, so a crash never leaves the run without its previous complete checkpoint.
+A checkpoint is written to a temporary directory (.tmp-*) and renamed into place; only then are checkpoints beyond
+the last K removed, each renamed to a .tmp-* name before it is deleted, so a crash never leaves the run without its
+previous complete checkpoint nor a half-deleted one under its final name (rundir.sweep_temporary clears .tmp-*).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import LorakitError
+from ..errors import ConfigError
 from ..io import save_adapter
 from ..io.files import read_weights
 from ..io.peft import adapter_state
@@ -33,8 +36,12 @@ TRAJECTORY_FIELDS = (
 )
 
 
-class ResumeError(LorakitError):
-    """A --resume directory that is not a checkpoint, or one made by a different run."""
+TMP_PREFIX = ".tmp-"  # temporary directories: being written, or being deleted
+HORIZON_FIELDS = ("max_steps", "epochs")  # may change on resume: a run may continue for longer
+
+
+class ResumeError(ConfigError):
+    """A --resume directory that is not a checkpoint, a corrupt one, or one made by a different run."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,7 +70,7 @@ def save_checkpoint(
     parent = root / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}step-{step:07d}.", dir=parent))
     try:
         if method == "lora":
             # as trained (PiSSA / OLoRA: the residual form the resumed run attaches again), not for serving
@@ -76,37 +83,61 @@ def save_checkpoint(
                    tmp / "optimizer.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "global_step": step}, indent=1))
         if final.exists():
-            shutil.rmtree(final)
+            remove_by_renaming(final)
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     done = sorted(p for p in parent.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_by_renaming(old)
     return final
 
 
+def remove_by_renaming(path: Path, parent: Path | None = None) -> None:
+    """Delete `path` (a checkpoint, or any file or directory): renamed to a .tmp-* name in `parent` (default:
+    its own directory) first, so an interruption never leaves it half-deleted under its real name (only a
+    temporary entry, swept at the next start by rundir.sweep_temporary)."""
+    aside = (parent or path.parent) / f"{TMP_PREFIX}removed-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, aside)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The trainer state of checkpoint `directory`, after checking it belongs to this run.
+    """The trainer state of checkpoint `directory`, after checking it belongs to this run. The horizon
+    (max_steps, epochs) may differ: a resumed run may train for longer (see rundir.schedule_horizon).
 
     Raises:
-        ResumeError: not a checkpoint, or a trajectory setting differs (the message names it).
+        ResumeError: not a lorakit checkpoint (foreign, corrupt JSON, no global_step), or a trajectory setting
+            differs (the message names it, with both values).
     """
     path = directory / STATE_NAME
     if not path.is_file():
         raise ResumeError(f"--resume {directory}: not a lorakit checkpoint (no {STATE_NAME})")
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ResumeError(f"--resume {directory}: unreadable {STATE_NAME}: {err}") from err
-    saved = state.get("config", {})
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+            or not isinstance(state.get("global_step"), int):
+        raise ResumeError(f"--resume {directory}: {STATE_NAME} is not a lorakit checkpoint's (expected 'config' "
+                          f"and 'global_step'; a transformers Trainer checkpoint? resume it with the tool that wrote it)")
+    saved = state["config"]
     for name in TRAJECTORY_FIELDS:
+        if name in HORIZON_FIELDS:
+            continue
         if name in saved and saved[name] != config.get(name):
             raise ResumeError(
                 f"--resume {directory} does not match this run: {name} was {saved[name]!r} there, "
                 f"{config.get(name)!r} now"
             )
+    max_steps = config.get("max_steps", -1)
+    if isinstance(max_steps, int) and 0 < max_steps < state["global_step"]:
+        raise ResumeError(f"--resume {directory}: max_steps {max_steps} ends before the checkpoint's step "
+                          f"{state['global_step']}; give a larger --max-steps")
     return state
 
 
@@ -118,7 +149,8 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
     scaler as it is.
 
     Raises:
-        ResumeError: the checkpoint's adapter has other modules than the run's.
+        ResumeError: the checkpoint's adapter has other modules than the run's, or a file of the checkpoint is
+            missing, truncated or corrupt (the file is named).
     """
     if method == "lora":
         saved = read_weights(directory / "adapter")
@@ -129,14 +161,31 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
             for key, tensor in live.items():
                 tensor.copy_(saved[key])
     else:
-        weights = load_file(str(directory / "trainable.safetensors"))
+        weights = _load(directory / "trainable.safetensors", lambda f: load_file(str(f)))
         params = dict(model.named_parameters())
+        if not set(weights) <= set(params):
+            raise ResumeError(f"--resume {directory}: trainable.safetensors has parameters this model lacks")
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-    blob = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    set_rng_state(blob["rng"])
+    blob = _load(directory / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    try:
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        set_rng_state(blob["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ResumeError(f"--resume {directory}: optimizer.pt does not fit this run "
+                          f"({type(err).__name__}: {err})") from err
+
+
+def _load(path: Path, read: Any) -> Any:
+    """read(path), with a missing or corrupt file reported as a ResumeError naming it."""
+    if not path.is_file():
+        raise ResumeError(f"--resume {path.parent}: incomplete checkpoint, {path.name} is missing")
+    try:
+        return read(path)
+    except Exception as err:  # torch.load / safetensors raise many types for a truncated or foreign file
+        raise ResumeError(f"--resume {path.parent}: cannot read {path.name} ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from err
