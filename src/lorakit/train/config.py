@@ -35,10 +35,10 @@ class TrainConfig:
 
     # what to train on
     model: str | None = None  # model directory (Hugging Face format) or model ID org/name[@rev]; none: the embedded MiniLM demo
-    data: str | None = None  # training data: .jsonl (or .csv for classification)
+    data: list[str] | str | None = None  # training data: .jsonl .json .csv .parquet or save_to_disk dir; several: a,b
     out: str = "runs/train"  # output directory: adapter, metrics, checkpoints, resolved config
     task: str = "auto"  # auto | causal-lm | classification (auto: classification if records have "label")
-    eval_data: str | None = None  # validation file; otherwise eval_fraction of data is held out
+    eval_data: list[str] | str | None = None  # validation file(s); otherwise eval_fraction of data is held out
     eval_fraction: float = 0.0  # share of data held out for validation when eval_data is not given
     max_length: int = 512  # longer examples are truncated (and counted in a warning)
     packing: bool = False  # causal-lm: concatenate examples into max_length blocks
