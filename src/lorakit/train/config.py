@@ -76,7 +76,8 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every N steps (0: only the final adapter)
     save_total_limit: int = 2  # keep the last K checkpoints
     diagnostics_steps: int = 50  # adapter diagnostics every N steps (0: off)
-    resume: str | None = None  # checkpoint directory to continue from
+    resume: str | None = None  # checkpoint directory to continue from; latest (bare --resume): newest in --out
+    overwrite: bool = False  # replace the run already in --out (otherwise a used --out is refused)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # progress bar on a terminal
     report_to: str = "jsonl"  # loggers, comma-separated: jsonl (always written), tensorboard, wandb
