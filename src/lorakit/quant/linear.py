@@ -35,7 +35,8 @@ class _NF4Matmul(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize()  # (..., out) @ (out, in)
+            weight = ctx.layer.dequantize().to(grad_out.dtype)  # autocast: grad_out is bf16/fp16, W fp32
+            grad_x = grad_out @ weight  # (..., out) @ (out, in)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None
