@@ -16,6 +16,7 @@ from torch import nn
 from .. import model as M
 from ..config import LoraConfig
 from ..errors import LorakitError
+from ..heap import tune_for_training
 from . import loggers
 from .callbacks import Callback
 from .config import TrainConfig
@@ -103,6 +104,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     from . import data as D
 
     loggers.check_available(cfg.report_to)  # before anything is written
+    tune_for_training(cfg.device)  # CPU: freed step memory stays in the process (LORAKIT_KEEP_HEAP=0: off)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = resolve_device(cfg.device)

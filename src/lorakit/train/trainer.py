@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import model as M
 from ..errors import ConfigError
+from ..heap import tune_for_training
 from ..io import save_adapter
 from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
@@ -261,10 +262,14 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train from `start_step` (0, or the resumed checkpoint's) to total_steps or until a callback stops.
 
+        On the CPU this fixes glibc's malloc thresholds for the process (lorakit.tune_cpu_allocator: freed step
+        memory is reused instead of faulted in again); LORAKIT_KEEP_HEAP=0 leaves malloc alone.
+
         Raises:
             TrainingError: a non-finite loss, or a collapsed fp16 loss scale (the last checkpoint is named).
         """
         cfg = self.config
+        tune_for_training(str(self.device))
         loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict())
         self.callbacks.extend(loggers)
         step, final = self.start_step, {}
