@@ -173,3 +173,21 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path, causal_lm_dir, ca
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"lorakit: error: {path}:2: not UTF-8 text") and "Traceback" not in err
     assert not (out / "adapter").exists()
+
+
+def test_a_missing_pyarrow_is_named(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "d.parquet", ROWS)
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # import fails as if not installed
+    assert raises(read_records, path) == f"{path}: reading .parquet files needs the package pyarrow (pip install pyarrow)"
+
+
+def test_cli_trains_on_sharegpt_parquet_and_jsonl_together(tmp_path, causal_lm_dir, capsys):
+    conv = [{"from": "human", "value": "is the cat big ?"}, {"from": "gpt", "value": "yes"}]
+    a = write_parquet(tmp_path / "a.parquet", [{"conversations": conv}] * 3)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"conversations": conv}])
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(causal_lm_dir), "--data", f"{a},{b}", "--out", str(out), "--max-steps", "2",
+                 "--per-device-train-batch-size", "2", "--progress", "false"])
+    assert code == 0 and (out / "adapter" / "adapter_model.safetensors").exists()
+    captured = capsys.readouterr()
+    assert "4 examples" in captured.out + captured.err

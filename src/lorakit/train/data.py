@@ -1,8 +1,9 @@
-"""The data layer of `lorakit train`: read a data file, check and detect its format, hold out a validation
-split, tokenise (see `tokenize.py`), and pad batches.
+"""The data layer of `lorakit train`: read data files, check and detect their format, hold out a validation
+split, tokenise (see `tokenize.py`, cached by `cache.py`), and pad batches.
 
-Files: ``.jsonl`` (one JSON object per line, blank lines allowed) and ``.csv`` (header row with ``text`` and
-``label`` columns, for classification; labels that are all integers are read as integers).
+Files (`readers.py`): ``.jsonl``, ``.json`` (an array, or an object holding one array), ``.csv`` (a header row
+naming the fields; labels that are all integers are read as integers), ``.parquet`` and a `datasets`
+save_to_disk directory; several files are concatenated, each record keeping its file and line or row.
 
 Formats, detected from the keys of the records (extra keys are ignored; all records share one format):
 
@@ -13,11 +14,14 @@ format                keys                                          loss on
 ``prompt_completion`` ``{prompt, completion}``                      the completion + EOS
 ``alpaca``            ``{instruction, input, output}`` (input opt.) the output + EOS (prompt: ALPACA_PROMPT)
 ``messages``          ``{messages: [{role, content}, ...]}``        assistant turns (the chat template's)
+``sharegpt``          ``{conversations: [{from, value}, ...]}``     assistant (gpt) turns, as messages
 ``classification``    ``{text, label}`` (label: string or integer)  the class
 ====================  ============================================  ==========================================
 
-``completion_only=False`` puts every token of the causal LM formats in the loss. Bad input raises
-`DataError` with a one-line message naming the file and line.
+Chat records take roles system / user / assistant / tool, assistant ``tool_calls`` and a ``tools`` field, all
+passed to the chat template (`chat.py`); one the template drops is an error. ``completion_only=False`` puts
+every token of the causal LM formats in the loss. Bad input raises `DataError` with a one-line message naming
+the file and line (or row).
 
 One call for the training loop::
 

@@ -14,6 +14,8 @@ a token that straddles the boundary (" four" after "Answer:") is part of the com
   the assistant's content to the end of its turn as the template renders it (end-of-turn marker included).
   The span of turn i is found by rendering the conversation up to it (with the generation prompt) and up to
   and including it, and taking the lengths of those prefixes. Nothing is appended: the template ends turns.
+  ``sharegpt`` records are rendered as their messages; ``tools`` go to the template (`apply_chat_template(...,
+  tools=...)`), and a turn, tool call or tools field the template leaves out raises DataError.
 
 Classification examples are ``{"input_ids": [...], "label": class_id}``.
 """
