@@ -262,3 +262,23 @@ def test_cli_early_stopping_and_report_flags_end_to_end(tmp_path, causal_lm_dir)
     assert resolved["metric_for_best_model"] == "eval_perplexity" and resolved["report_to"] == "jsonl"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert [r["step"] for r in records(out) if "eval_loss" in r] == [2, 4]
+
+
+def _adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_load_best_keeps_the_best_checkpoint_from_pruning_and_after_a_resume(tmp_path, causal_lm_dir):
+    cfg = config(tmp_path, causal_lm_dir, max_steps=8, eval_steps=2, save_steps=2, save_total_limit=2,
+                 eval_fraction=0.2, metric_for_best_model="eval_fake_loss", load_best_at_end=True)
+    first = train(cfg, callbacks=[FakeEvalLoss([1.0, 0.5, 0.7])])
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000004", "step-0000006", "step-0000008"]
+    best = _adapter(checkpoints / "step-0000004" / "adapter")
+    assert all(torch.equal(t, best[k]) for k, t in _adapter(first.saved_dir).items())
+    resumed_cfg = config(tmp_path, causal_lm_dir, max_steps=8, eval_steps=2, save_steps=2, save_total_limit=2,
+                         eval_fraction=0.2, metric_for_best_model="eval_fake_loss", load_best_at_end=True,
+                         resume=str(checkpoints / "step-0000006"), out=str(tmp_path / "resumed"))
+    resumed = train(resumed_cfg, callbacks=[FakeEvalLoss([0.9])])  # no better than step 4's 0.5
+    assert resumed.losses == first.losses
+    assert all(torch.equal(t, best[k]) for k, t in _adapter(resumed.saved_dir).items())

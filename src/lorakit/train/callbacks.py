@@ -195,7 +195,7 @@ class BestMetric(Callback):
         self.best_step: int | None = None
         self.bad = 0  # evaluations in a row without improvement
         self.weights: dict[str, torch.Tensor] | None = None
-        self.stopped_at: int | None = None
+        self.best_checkpoint: str | None = None  # the checkpoint written at best_step, if any
 
     def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.evaluating_final:
@@ -211,20 +211,39 @@ class BestMetric(Callback):
             return
         self.bad += 1
         if self.patience and self.bad >= self.patience:
-            self.stopped_at = step
             trainer.should_stop = True
             trainer.message(f"early stopping at step {step}: {self.metric} has not improved on "
                             f"{self.best:.4f} (step {self.best_step}) for {self.bad} evaluations")
 
+    def on_train_begin(self, trainer: Trainer) -> None:
+        if self.load_best and self.best_checkpoint:  # resumed
+            trainer.keep_checkpoint = Path(self.best_checkpoint)
+
+    def on_save(self, trainer: Trainer, step: int, path: Path) -> None:
+        if step == self.best_step:
+            self.best_checkpoint = str(path)
+            if self.load_best:
+                trainer.keep_checkpoint = path  # pruning leaves it
+
     def on_loop_end(self, trainer: Trainer, step: int) -> None:
-        if self.load_best and self.weights is not None and self.best_step != step:
+        if not self.load_best or self.best_step is None or self.best_step == step:
+            return
+        if self.weights is not None:
             trainer.load_trainable_state(self.weights)
-            trainer.message(f"load_best_at_end: the saved {trainer.saves_name} is the one of step "
-                            f"{self.best_step} ({self.metric} {self.best:.4f}), not of the last step {step}")
-            trainer.log({"step": step, "best_step": self.best_step, f"best_{self.metric}": self.best})
+        elif self.best_checkpoint and Path(self.best_checkpoint).is_dir():  # resumed: the copy is in the checkpoint
+            trainer.load_checkpoint_weights(Path(self.best_checkpoint))
+        else:
+            trainer.message(f"lorakit: warning: load_best_at_end: the best {self.metric} was at step "
+                            f"{self.best_step} before the resume and its checkpoint is gone; saving the last step's")
+            return
+        trainer.message(f"load_best_at_end: the saved {trainer.saves_name} is the one of step "
+                        f"{self.best_step} ({self.metric} {self.best:.4f}), not of the last step {step}")
+        trainer.log({"step": step, "best_step": self.best_step, f"best_{self.metric}": self.best})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step, "bad": self.bad}
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad,
+                "best_checkpoint": self.best_checkpoint}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_step, self.bad = state.get("best"), state.get("best_step"), state.get("bad", 0)
+        self.best_checkpoint = state.get("best_checkpoint")

@@ -61,8 +61,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,
     scheduler: Any, trainer_state: dict[str, Any], keep: int, scaler: torch.amp.GradScaler | None = None,
+    protect: Path | None = None,
 ) -> Path:
-    """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep`.
+    """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep` (and `protect`,
+    the best checkpoint load_best_at_end keeps).
 
     optimizer.pt holds the optimizer, the scheduler, the RNG states and the loss scaler's state (scale and
     growth tracker; empty when loss scaling is off).
@@ -90,7 +92,8 @@ def save_checkpoint(
         raise
     done = sorted(p for p in parent.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
-        remove_by_renaming(old)
+        if protect is None or old != Path(protect):
+            remove_by_renaming(old)
     return final
 
 

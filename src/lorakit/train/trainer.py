@@ -175,6 +175,7 @@ class Trainer:
         self.scaler = precision.make_scaler(cfg.mixed_precision, model, self.device)  # fp16: loss scaling
         self.start_step, self.losses = 0, []
         self.last_checkpoint: Path | None = None
+        self.keep_checkpoint: Path | None = None  # never pruned (load_best_at_end's best checkpoint)
         self.should_stop = self.evaluating_final = False
         self._skipped = 0  # optimizer steps skipped in a row by the loss scaler (inf / nan gradients)
         self._extra: dict[str, Any] = {}
@@ -228,7 +229,8 @@ class Trainer:
         state = {"config": self.config.to_dict(), "losses": self.losses,
                  "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()}}
         self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, step, self.model, self.saves, self.optimizer,
-                                                    self.scheduler, state, self.config.save_total_limit, self.scaler)
+                                                    self.scheduler, state, self.config.save_total_limit, self.scaler,
+                                                    protect=self.keep_checkpoint)
         for callback in self.callbacks:
             callback.on_save(self, step, self.last_checkpoint)
         return self.last_checkpoint
@@ -242,6 +244,15 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor)
+
+    def load_checkpoint_weights(self, directory: Path) -> None:
+        """The trainable weights of checkpoint `directory` into the model (its optimizer and RNG states too:
+        called at the end of a run, when they no longer matter).
+
+        Raises:
+            ResumeError: the checkpoint's adapter has other modules than the model's.
+        """
+        ckpt.restore(directory, self.model, self.saves, self.optimizer, self.scheduler, self.scaler)
 
     def resume(self, directory: Path) -> None:
         """Continue from checkpoint `directory`: weights, optimizer, scheduler, scaler, RNG, callbacks' state.
