@@ -191,3 +191,16 @@ def test_cli_trains_on_sharegpt_parquet_and_jsonl_together(tmp_path, causal_lm_d
     assert code == 0 and (out / "adapter" / "adapter_model.safetensors").exists()
     captured = capsys.readouterr()
     assert "4 examples" in captured.out + captured.err
+
+
+def test_data_flags_repeat_or_take_commas(tmp_path, tok):
+    from lorakit.cli.main import build_parser
+
+    a = write_jsonl(tmp_path / "a.jsonl", ROWS[:2])
+    b = write_jsonl(tmp_path / "b.jsonl", ROWS[2:])
+    parser = build_parser()
+    repeated = parser.parse_args(["train", "--data", str(a), "--data", str(b), "--eval_data", str(b)])
+    assert repeated.data == [str(a), str(b)] and repeated.eval_data == str(b)
+    assert parser.parse_args(["train", "--data", f"{a},{b}"]).data == f"{a},{b}"
+    data = load_datasets(TrainConfig(data=repeated.data, eval_data=repeated.eval_data, max_length=32), tok)
+    assert len(data.train) == 3 and len(data.eval) == 1

@@ -63,6 +63,17 @@ def _flag_names(name: str) -> tuple[list[str], list[str]]:
     return shown, [flag for flag in dict.fromkeys(hidden) if flag not in shown]
 
 
+class _RepeatedPaths(argparse.Action):
+    """A repeated --data: the files as a list (a single --data stays a string)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        before = getattr(namespace, self.dest, None)
+        if before is not None:
+            values = (before if isinstance(before, list) else [before]) + [values]
+        setattr(namespace, self.dest, values)
+
+
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any, help_text: str) -> None:
     default = f.default if f.default is not dataclasses.MISSING else None
     shown, hidden = _flag_names(f.name)
@@ -80,6 +91,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation
     kwargs = {**common, "type": _converter(f.name, annotation), "metavar": f.name.upper()}
     if f.name == "resume":  # a bare --resume: the newest checkpoint in --out (train.rundir.resolve_resume)
         kwargs.update(nargs="?", const="latest")
+    if f.name in ("data", "eval_data"):  # --data a.jsonl --data b.parquet: several files (also a.jsonl,b.parquet)
+        kwargs.update(action=_RepeatedPaths)
     parser.add_argument(*shown, **kwargs, help=f"{help_text} (default: {default})")
     if hidden:
         parser.add_argument(*hidden, **kwargs, help=argparse.SUPPRESS)
