@@ -1,5 +1,5 @@
 """Keep freed memory in the process (glibc on Linux), so that a CPU training step does not fault its pages in again.
-An explicit, opt-in process setting: `lorakit.tune_cpu_allocator()`; lorakit's own Trainer and CLI call it, attach does not.
+An explicit process setting: `lorakit.tune_cpu_allocator()`; lorakit's Trainer and CLI call it, attach does not.
 
 glibc's malloc gives the top of its heap back to the kernel whenever more than M_TRIM_THRESHOLD bytes lie free there,
 and serves blocks above M_MMAP_THRESHOLD with a fresh mmap. Both thresholds move with the program (the trim threshold

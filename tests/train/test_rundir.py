@@ -137,7 +137,8 @@ def test_a_second_run_into_a_used_out_is_refused_before_anything_is_written(tmp_
     _save(_config(tmp_path), 2)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     before = _tree(tmp_path)
-    with pytest.raises(ConfigError, match=r"already holds a run \(metrics\.jsonl, checkpoints\).*--overwrite") as err:
+    used = r"already holds a run \(metrics\.jsonl, checkpoints\).*--overwrite"
+    with pytest.raises(ConfigError, match=used) as err:
         rundir.prepare_out_dir(_config(tmp_path))
     assert str(tmp_path) in str(err.value)
     assert _tree(tmp_path) == before

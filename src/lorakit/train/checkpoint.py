@@ -127,7 +127,8 @@ def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
             or not isinstance(state.get("global_step"), int):
         raise ResumeError(f"--resume {directory}: {STATE_NAME} is not a lorakit checkpoint's (expected 'config' "
-                          f"and 'global_step'; a transformers Trainer checkpoint? resume it with the tool that wrote it)")
+                          f"and 'global_step'; a transformers Trainer checkpoint? resume it with the tool that "
+                          f"wrote it)")
     saved = state["config"]
     for name in TRAJECTORY_FIELDS:
         if name in HORIZON_FIELDS:

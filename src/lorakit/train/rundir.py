@@ -176,7 +176,8 @@ def prepare_out_dir(cfg: TrainConfig, resume_dir: Path | None = None) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     sweep_temporary(out)
-    if getattr(cfg, "overwrite", False) and not (resume_dir is not None and _inside(resume_dir, out / CHECKPOINTS)):
+    continuing = resume_dir is not None and _inside(resume_dir, out / CHECKPOINTS)
+    if getattr(cfg, "overwrite", False) and not continuing:
         for name in RUN_OUTPUTS:
             if (out / name).exists():
                 remove_by_renaming(out / name, out)
