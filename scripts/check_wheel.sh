@@ -43,9 +43,11 @@ EOF
 
 say "installing into a fresh venv (torch==2.13.0 first, as scripts/setup.sh does; then the wheel with [demo])"
 step "$PYTHON" -m venv "$work/env"
-step "$work/env/bin/pip" install --quiet "torch==2.13.0"
-"$work/env/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$work/torch.txt"
-step "$work/env/bin/pip" install --quiet -c "$work/torch.txt" "$wheel[demo]"
+# --no-compile: no .pyc for torch's thousands of modules (most of an install's time on a slow disk)
+step "$work/env/bin/pip" install --quiet --no-compile "torch==2.13.0"
+"$work/env/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
+  > "$work/torch.txt" 2>/dev/null
+step "$work/env/bin/pip" install --quiet --no-compile -c "$work/torch.txt" "$wheel[demo]"
 if "$work/env/bin/python" -c "import pytest" 2>/dev/null; then
   echo "check_wheel: pytest is installed in the user's venv: the demo extra pulled a test tool" >&2
   exit 1
