@@ -111,3 +111,9 @@ def classifier_dir(tmp_path_factory):
     from model_dirs import make_classifier_dir
 
     return make_classifier_dir(tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(autouse=True)
+def _token_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The token cache (lorakit.train.cache) goes to a temporary directory, never to the user's ~/.cache."""
+    monkeypatch.setenv("LORAKIT_DATA_CACHE", str(tmp_path_factory.mktemp("token-cache")))

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import parse_target_spec
 from ..errors import ConfigError
 from ..peft_fields import as_bool
+from ..train import rundir
 from ..train.config import TrainConfig, field_help, field_types
 from ..train.config_values import convert_value, type_name
 
@@ -113,7 +114,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    cfg = TrainConfig.from_sources(args.config, overrides)
+    cfg = rundir.train_config(args.config, overrides)  # resuming: the checkpoint's own configuration first
     if cfg.model is None and cfg.data is None:
         from ..demo.compare import run_demo
 

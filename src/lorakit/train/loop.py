@@ -17,7 +17,8 @@ from .. import model as M
 from ..config import LoraConfig
 from ..errors import LorakitError
 from ..heap import tune_for_training
-from . import loggers
+from ..io.files import atomic_write
+from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig
 from .precision import TrainingError
@@ -108,9 +109,8 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device = resolve_device(cfg.device)
-    out_dir = Path(cfg.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.yaml").write_text(cfg.to_yaml())
+    resume_dir = rundir.resolve_resume(cfg)  # a bare --resume: the newest checkpoint in --out
+    rundir.check_out_dir(cfg, resume_dir)  # another run's --out is refused before anything is written
 
     if tokenizer is None or model is None:
         if cfg.model is None:
@@ -120,6 +120,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         tokenizer = load_tokenizer(cfg.model)
     datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
     task = datasets.task
+    out_dir = rundir.prepare_out_dir(cfg, resume_dir)  # only once the data is good: bad data writes nothing
+    resolved = cfg.to_yaml()
+    atomic_write(out_dir, {"train_config.yaml": lambda path: path.write_text(resolved)})
     residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
     # QLoRA from a checkpoint: quantised while it is read (no full-precision copy); QPiSSA needs the exact W0 first
     streamed = bool(cfg.quantize) and model is None and not residual_init
@@ -151,7 +154,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     trainer = Trainer(model, cfg, datasets.train, datasets.eval, callbacks, collate=datasets.collate, task=task,
                       tokenizer=tokenizer, optimizer=build_optimizer(model, cfg), device=device)
     if cfg.resume:
-        trainer.resume(Path(cfg.resume))
+        trainer.resume(resume_dir)
     trainer.message(f"lorakit train: {task}, {len(datasets.train)} examples, {trainer.total_steps} steps, "
                     f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
                     f"device {device}, base {_dtype_name(model)}, mixed precision {cfg.mixed_precision}"

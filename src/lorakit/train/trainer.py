@@ -23,7 +23,7 @@ from ..heap import tune_for_training
 from ..io import save_adapter
 from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
-from . import precision
+from . import precision, rundir
 from .callbacks import (
     BestMetric,
     Callback,
@@ -167,8 +167,7 @@ class Trainer:
         self.saves_name = "model" if self.saves == "full" else "adapter"
         self.batches = Batches(self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.collate)
         self.steps_per_epoch = math.ceil(self.batches.per_epoch / cfg.gradient_accumulation_steps)
-        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * self.total_steps)
+        warmup, self.total_steps = rundir.schedule_horizon(cfg, None, self.steps_per_epoch)
         self.optimizer = optimizer or build_optimizer(model, cfg)
         self.schedule = lr_factor(cfg.lr_scheduler_type, warmup, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
@@ -261,6 +260,10 @@ class Trainer:
             ResumeError: not a checkpoint, or one from a run with other trajectory settings.
         """
         state = ckpt.read_state(directory, self.config.to_dict())
+        # a raised --max-steps: the schedule is recomputed for the new total, with the first run's warm-up
+        warmup, self.total_steps = rundir.schedule_horizon(self.config, state["config"], self.steps_per_epoch)
+        self.schedule = lr_factor(self.config.lr_scheduler_type, warmup, self.total_steps)
+        self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
         ckpt.restore(directory, self.model, self.saves, self.optimizer, self.scheduler, self.scaler)
         self.start_step, self.losses = state["global_step"], list(state.get("losses", []))
         self.last_checkpoint = directory
