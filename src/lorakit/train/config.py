@@ -18,7 +18,6 @@ import yaml
 from ..config import parse_target_spec
 from ..errors import ConfigError
 from .config_values import convert_fields, convert_value, load_yaml
-from .loggers import parse_report_to
 
 TASKS = ("auto", "causal-lm", "classification")
 METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
@@ -27,6 +26,27 @@ PRECISIONS = ("no", "bf16", "fp16")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # the frozen base's dtype; auto: the checkpoint's own
 QUANTIZE = ("none", "nf4")  # the frozen base's storage (QLoRA)
 QUANTIZE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # NF4 layers' compute dtype; auto: bf16 on a GPU, fp32 on the CPU
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # --report-to choices; jsonl is always written
+
+
+def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """`"jsonl,tensorboard"` (or a list) -> ["jsonl", "tensorboard"]; jsonl is always first.
+
+    Raises:
+        ConfigError: a name that is not one of LOGGERS (expected vs found).
+    """
+    if value is None:
+        value = ""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    names = [n for n in names if n not in ("none", "jsonl")]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; expected a comma-separated list of "
+                          f"{', '.join(LOGGERS)}")
+    return ["jsonl", *dict.fromkeys(names)]
 
 
 @dataclass

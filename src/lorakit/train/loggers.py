@@ -14,26 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .callbacks import Callback
-
-LOGGERS = ("jsonl", "tensorboard", "wandb")
-
-
-def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
-    """`"jsonl,tensorboard"` (or a list) -> ["jsonl", "tensorboard"]; jsonl is always first.
-
-    Raises:
-        ConfigError: a name that is not one of LOGGERS (expected vs found).
-    """
-    if value is None:
-        value = ""
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [str(n).strip().lower() for n in names if str(n).strip()]
-    names = [n for n in names if n not in ("none", "jsonl")]
-    unknown = [n for n in names if n not in LOGGERS]
-    if unknown:
-        raise ConfigError(f"report_to: unknown logger {unknown[0]!r}; expected a comma-separated list of "
-                          f"{', '.join(LOGGERS)}")
-    return ["jsonl", *dict.fromkeys(names)]
+from .config import LOGGERS, parse_report_to  # noqa: F401 - parse_report_to: re-exported
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
