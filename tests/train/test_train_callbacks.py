@@ -214,6 +214,18 @@ def test_report_to_tensorboard_writes_event_files(tmp_path, causal_lm_dir):
     assert list((result.out_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_report_to_wandb_offline_records_the_config_and_the_metrics(tmp_path, causal_lm_dir, monkeypatch):
+    """wandb in offline mode (no network): one run under <out>/wandb whose log holds the run's configuration and
+    the logged scalars."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train(config(tmp_path, causal_lm_dir, max_steps=3, report_to="jsonl,wandb"))
+    runs = list((result.out_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    log = runs[0].read_bytes()
+    assert b"learning_rate" in log and b"tokens_per_s" in log and b"loss" in log
+
+
 def test_report_to_unknown_logger_names_the_choices(tmp_path, causal_lm_dir):
     with pytest.raises(ConfigError, match="unknown logger 'mlflow'; expected .*jsonl, tensorboard, wandb"):
         config(tmp_path, causal_lm_dir, report_to="jsonl,mlflow")
