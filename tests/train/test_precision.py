@@ -9,16 +9,13 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from test_loop import lm_config as loop_config
 
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import precision
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import TrainingError, train
-
-LM_RECORDS = [
-    {"prompt": f"what is {a} plus {b} ?", "completion": f" {(a + b) % 10}"} for a in range(6) for b in range(6)
-]
 
 
 class InfGrad(torch.autograd.Function):
@@ -34,14 +31,7 @@ class InfGrad(torch.autograd.Function):
 
 
 def lm_config(tmp_path, model_dir, **overrides) -> TrainConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in LM_RECORDS) + "\n")
-    values = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "run"), max_steps=8,
-                  per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, lora_dropout=0.1,
-                  diagnostics_steps=0, progress=False, seed=3, warmup_steps=2)
-    values.update(overrides)
-    return TrainConfig(**values)
+    return loop_config(tmp_path, model_dir, **{"max_steps": 8, "diagnostics_steps": 0, **overrides})
 
 
 def overflow_at(monkeypatch, bad_steps):

@@ -11,30 +11,16 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_loop import LM_RECORDS, lm_config, write_jsonl
 
 from lorakit.cli.main import main
 from lorakit.errors import ConfigError
 from lorakit.train import Callback, StepOutput, TrainConfig, Trainer, train
 from lorakit.train.progress import Progress
 
-LM_RECORDS = [
-    {"prompt": f"what is {a} plus {b} ?", "completion": f" {(a + b) % 10}"} for a in range(6) for b in range(6)
-]
-
-
-def write_jsonl(path, records):
-    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    return path
-
 
 def config(tmp_path, model_dir, **overrides) -> TrainConfig:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(tmp_path / "train.jsonl", LM_RECORDS)
-    values = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "run"), max_steps=6,
-                  per_device_train_batch_size=4, learning_rate=5e-3, logging_steps=1, lora_dropout=0.1,
-                  diagnostics_steps=0, progress=False, seed=3, warmup_steps=1)
-    values.update(overrides)
-    return TrainConfig(**values)
+    return lm_config(tmp_path, model_dir, **{"max_steps": 6, "diagnostics_steps": 0, "warmup_steps": 1, **overrides})
 
 
 def records(run_dir):

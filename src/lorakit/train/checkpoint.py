@@ -109,6 +109,36 @@ def remove_by_renaming(path: Path, parent: Path | None = None) -> None:
         aside.unlink(missing_ok=True)
 
 
+def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The trainer state of a lorakit checkpoint, checked for shape (not yet against a run's settings).
+
+    Raises:
+        ResumeError: not a directory, no trainer_state.json, unreadable or corrupt JSON, a foreign checkpoint
+            (e.g. transformers' Trainer: no lorakit "config"), or a weights / optimizer file missing.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ResumeError(f"--resume {directory}: no such checkpoint directory")
+    path = directory / STATE_NAME
+    if not path.is_file():
+        raise ResumeError(f"--resume {directory}: not a lorakit checkpoint (no {STATE_NAME})")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ResumeError(f"--resume {directory}: unreadable {path.name} ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise ResumeError(f"--resume {directory}: {path.name} is not a lorakit checkpoint's (expected a 'config' "
+                          f"mapping; a transformers Trainer checkpoint? resume it with the tool that wrote it)")
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ResumeError(f"--resume {directory}: {path.name}: global_step must be an integer >= 0; got {step!r}")
+    weights = ("trainable.safetensors",) if state["config"].get("method") == "full" else ("adapter",)
+    for name in (*weights, "optimizer.pt"):
+        if not (directory / name).exists():
+            raise ResumeError(f"--resume {directory}: incomplete checkpoint, {name} is missing")
+    return state
+
+
 def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The trainer state of checkpoint `directory`, after checking it belongs to this run. The horizon
     (max_steps, epochs) may differ: a resumed run may train for longer (see rundir.schedule_horizon).
@@ -117,18 +147,7 @@ def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
         ResumeError: not a lorakit checkpoint (foreign, corrupt JSON, no global_step), or a trajectory setting
             differs (the message names it, with both values).
     """
-    path = directory / STATE_NAME
-    if not path.is_file():
-        raise ResumeError(f"--resume {directory}: not a lorakit checkpoint (no {STATE_NAME})")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ResumeError(f"--resume {directory}: unreadable {STATE_NAME}: {err}") from err
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
-            or not isinstance(state.get("global_step"), int):
-        raise ResumeError(f"--resume {directory}: {STATE_NAME} is not a lorakit checkpoint's (expected 'config' "
-                          f"and 'global_step'; a transformers Trainer checkpoint? resume it with the tool that "
-                          f"wrote it)")
+    state = read_checkpoint_state(directory)
     saved = state["config"]
     for name in TRAJECTORY_FIELDS:
         if name in HORIZON_FIELDS:

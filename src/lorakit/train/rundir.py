@@ -14,7 +14,6 @@ longer schedule's value there); a constant schedule is unchanged.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import checkpoint as ckpt
-from .checkpoint import STATE_NAME, TMP_PREFIX, ResumeError, remove_by_renaming
+from .checkpoint import TMP_PREFIX, ResumeError, read_checkpoint_state, remove_by_renaming
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -44,36 +43,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of the run in out_dir, or None when it has none."""
     found = checkpoints(out_dir)
     return found[-1] if found else None
-
-
-def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
-    """The trainer state of a lorakit checkpoint, checked for shape (not yet against a run's settings).
-
-    Raises:
-        ResumeError: not a directory, no trainer_state.json, unreadable or corrupt JSON, a foreign checkpoint
-            (e.g. transformers' Trainer: no lorakit "config"), or a weights / optimizer file missing.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ResumeError(f"--resume {directory}: no such checkpoint directory")
-    path = directory / STATE_NAME
-    if not path.is_file():
-        raise ResumeError(f"--resume {directory}: not a lorakit checkpoint (no {STATE_NAME})")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ResumeError(f"--resume {directory}: unreadable {path.name} ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise ResumeError(f"--resume {directory}: {path.name} is not a lorakit checkpoint's (expected a 'config' "
-                          f"mapping; a transformers Trainer checkpoint? resume it with the tool that wrote it)")
-    step = state.get("global_step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ResumeError(f"--resume {directory}: {path.name}: global_step must be an integer >= 0; got {step!r}")
-    weights = ("trainable.safetensors",) if state["config"].get("method") == "full" else ("adapter",)
-    for name in (*weights, "optimizer.pt"):
-        if not (directory / name).exists():
-            raise ResumeError(f"--resume {directory}: incomplete checkpoint, {name} is missing")
-    return state
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
