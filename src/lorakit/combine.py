@@ -22,6 +22,7 @@ from . import model as M
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, MergeError
 from .layers import LoraLayer
+from .names import check_adapter_name
 from .ops.combine import (
     DENSITY_METHODS,
     METHODS,
@@ -234,7 +235,8 @@ def resolve_weights(
     """[(adapter name, weight), ...] from a {name: weight} mapping, or a weights list plus the adapter names.
 
     Raises:
-        ConfigError: an empty set, a list without names or of another length, repeated names, a non-finite weight.
+        ConfigError: an empty set, a list without names or of another length, repeated names, a non-finite weight,
+            a name that is not a valid adapter name (lorakit.names).
         AdapterNameError: a name that is not attached (the message lists the attached ones).
     """
     if isinstance(weights, Mapping):
@@ -244,7 +246,7 @@ def resolve_weights(
     elif isinstance(weights, Sequence) and not isinstance(weights, str):
         if adapters is None:
             raise ConfigError("a weights list needs adapters=[names] (one name per weight); or pass {name: weight}")
-        adapters = list(adapters)
+        adapters = [check_adapter_name(n, "combine: input adapter") for n in adapters]
         if len(adapters) != len(weights):
             raise ConfigError(f"the weights list has {len(weights)} value(s) for {len(adapters)} adapter(s) "
                               f"({', '.join(map(repr, adapters))}); give one weight per adapter")
@@ -259,6 +261,7 @@ def resolve_weights(
         raise ConfigError("nothing to combine: no adapters given")
     attached = M.adapter_names(model)
     for adapter_name, weight in terms:
+        check_adapter_name(adapter_name, "combine: input adapter")
         if adapter_name not in attached:
             raise AdapterNameError(f"no adapter named {adapter_name!r} on this model; attached: "
                                    f"{', '.join(attached) or '(none)'}")
@@ -282,8 +285,7 @@ def _check_options(method: str, rank: int | None, density: float | None) -> None
 
 
 def _check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name or name == "__base__":
-        raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name, "combine(name=...)")
     if name in M.adapter_names(model):
         raise AdapterNameError(f"an adapter named {name!r} is already attached; pick another name for the combination")
 

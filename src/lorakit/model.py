@@ -20,6 +20,7 @@ from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
 from .mixed import install as _install_mixed_batches
 from .mixed import uninstall as _uninstall_mixed_batches
+from .names import check_adapter_name
 from .residual import apply_residual_init, check_residual_targets
 from .targeting import find_targets, iter_candidate_modules, matches_modules_to_save
 from .variants import variant_for
@@ -93,13 +94,13 @@ def attach(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     with no extra call.
 
     Raises:
-        AdapterNameError: `name` is taken. ConfigError: `name` is not a valid name.
+        AdapterNameError: `name` is taken. ConfigError: `name` is not a valid adapter name (lorakit.names: no
+            '.', '/', '\\', ':', control characters, "__base__", empty or over 255 bytes).
         TargetError: no module matched (the message lists the closest names), or an unsupported type.
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"attach() takes a lorakit.LoraConfig, got {type(config).__name__}")
-    if not isinstance(name, str) or not name or "." in name or name == "__base__":
-        raise ConfigError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    check_adapter_name(name, "attach(name=...)")
     if name in _record(model).configs:
         raise AdapterNameError(f"an adapter named {name!r} is already attached; delete_adapter() it first")
     return attach_at(model, config, name, find_targets(model, config))
@@ -112,7 +113,11 @@ def attach_at(
 
     `init_from_base=False` skips PiSSA / OLoRA's factorisation of the base (a loaded file brings A and B, and
     its base already holds the residual).
+
+    Raises:
+        ConfigError: `name` is not a valid adapter name (checked before the model changes).
     """
+    check_adapter_name(name)
     record = _record(model)
     fresh_model = not record.configs
     adapter_cls = variant_for(config)

@@ -25,6 +25,7 @@ from .errors import AdapterFileError, ConfigError, MergeError, ShapeMismatchErro
 from .io.files import CONFIG_NAME, read_config, read_weights
 from .io.peft import _IGNORED_INFIXES, PREFIX, adapter_state
 from .layers import LoraLayer
+from .names import check_adapter_name
 from .variants import DoraAdapter, LoraAdapter
 
 
@@ -129,6 +130,7 @@ def prepare_swap(model: nn.Module, max_rank: int, names: str | list[str] | None 
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0:
         raise ConfigError(f"prepare_swap: max_rank must be a positive integer, got {max_rank!r}")
     for name in names:  # check everything before changing anything
+        check_adapter_name(name, "prepare_swap(names=...)")
         _check_swappable(model, name, "prepare_swap")
         for layer in _layers(model, name):
             rank = true_rank(layer.adapters[name])
@@ -165,13 +167,15 @@ def swap_adapter(model: nn.Module, name: str, path: str | Path) -> nn.Module:
     Everything is checked before anything is copied: on an error the adapter is unchanged.
 
     Raises:
-        AdapterNameError: no adapter `name`. MergeError: it is merged. ConfigError: it is a PiSSA / OLoRA adapter.
+        AdapterNameError: no adapter `name`. MergeError: it is merged. ConfigError: it is a PiSSA / OLoRA adapter,
+            or `name` is not a valid adapter name (lorakit.names; checked before any file is read).
         AdapterFileError: missing or corrupt files; a file that adapts a module adapter `name` is not on, lacks
             a tensor, has a key the adapter cannot take, or differs in use_dora / bias / a PiSSA / OLoRA init.
         ShapeMismatchError: a rank above the adapter's capacity, or a tensor of the wrong shape (module, tensor,
             found and expected shape).
     """
     model = _unwrap(model)
+    check_adapter_name(name, "swap_adapter(name=...)")
     old = _check_swappable(model, name, "swap_adapter")
     directory, config = _read_config(Path(path), name)
     _check_configs(old, config, directory, name)

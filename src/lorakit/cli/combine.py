@@ -6,6 +6,7 @@ import argparse
 import math
 
 from ..errors import ConfigError
+from ..names import check_adapter_name
 from ..ops.combine import METHODS
 from .model_args import add_model_arguments, quantize_arg
 
@@ -46,7 +47,7 @@ def parse_adapter_spec(spec: str) -> tuple[str | None, str, float | None]:
     given, name = spec, None
     head, sep, tail = spec.partition("=")
     if sep and head and "/" not in head and "\\" not in head:
-        name, spec = head, tail
+        name, spec = check_adapter_name(head, f"--adapter {given!r}: the label"), tail
     weight = None
     path, sep, tail = spec.rpartition(":")
     if sep:
