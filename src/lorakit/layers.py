@@ -8,6 +8,7 @@ Both forward unknown attributes (`weight`, `in_features`, ...) to the wrapped mo
 from __future__ import annotations
 
 import copy
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -15,6 +16,11 @@ from torch import nn
 
 from .errors import MergeError
 from .layer_kinds import LayerKind
+
+# The per-row adapter choice of the mixed-batch forward running in this thread (or asyncio task), or None:
+# lorakit.mixed sets it for one forward of one model. A context variable, not an attribute of the layers, so
+# that forwards running at the same time in other threads never see it.
+ROUTING: ContextVar[Any] = ContextVar("lorakit_mixed_routing", default=None)
 
 
 class _Wrapper(nn.Module):
@@ -37,8 +43,6 @@ class LoraLayer(_Wrapper):
     forward: out = base(x) + sum over active, unmerged adapters a of a's contribution.
     """
 
-    routing: Any = None  # during a forward with adapter_names=[...] only: a lorakit.mixed.Routing (row -> adapter)
-
     def __init__(self, base_layer: nn.Module, kind: LayerKind, path: str) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -52,8 +56,9 @@ class LoraLayer(_Wrapper):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled:
             return self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:  # a mixed batch: each row its own adapter (lorakit.mixed)
-            return self.routing.forward(self, x, *args, **kwargs)
+        routing = ROUTING.get()
+        if routing is not None and id(self) in routing.layer_ids:  # a mixed batch: each row its own adapter
+            return routing.forward(self, x, *args, **kwargs)
         pending = [name for name in self.active if name not in self.merged]
         base = self.base_layer
         if len(pending) == 1 and not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
@@ -71,6 +76,12 @@ class LoraLayer(_Wrapper):
             else:
                 out = adapter.add_to_output(base, x, out)
         return out
+
+    @property
+    def routing(self) -> Any:
+        """The lorakit.mixed.Routing this layer follows in the current thread's forward, or None."""
+        routing = ROUTING.get()
+        return routing if routing is not None and id(self) in routing.layer_ids else None
 
     # -- merging -----------------------------------------------------------------------------------------
     def check_finite(self, names: list[str]) -> None:

@@ -5,15 +5,23 @@ How a call is routed (installed once per model by `attach`, removed when the las
 
 * a forward pre-hook on the root model (`with_kwargs=True`) pops `adapter_names`, checks it (one name per row,
   each attached or "__base__", eval mode, nothing merged) and builds a `Routing`: the batch's distinct adapters
-  (slot j = names[j - 1], slot 0 = none) and a (batch,) slot index. It sets `layer.routing` on every LoraLayer;
-  a forward hook (`always_call=True`, so also after an exception) clears it again.
+  (slot j = names[j - 1], slot 0 = none), a (batch,) slot index and the model's LoraLayers. It puts it in the
+  context variable `layers.ROUTING` (per thread and asyncio task, never on the modules); a forward hook
+  (`always_call=True`, so also after an exception) restores the value from before.
 * `LoraLayer.forward` hands a routed call to `Routing.forward`: base(x), then the mixed update from per-layer
   stacks of the batch's adapters, zero-padded to the largest rank with the scale folded into B. The stacks are
   cached on the layer and rebuilt only when the batch's set of adapters changes, or an adapter's parameters do
   (identity, storage, `_version`: in-place updates under no_grad count; writes through `.data` do not).
 * `model.generate` is an instance attribute (`MixedGenerate`) that pops `adapter_names` before transformers
   validates its kwargs and pins the names for every forward of that call (prefill and each cached decoding
-  step). Rows expanded by `num_beams` / `num_return_sequences` repeat their row's name, as in PEFT.
+  step), in a context variable too. Rows expanded by `num_beams` / `num_return_sequences` repeat their row's
+  name, as in PEFT.
+
+Threads: forwards and generate calls with or without `adapter_names` may run at the same time in several threads
+on one model in eval mode; each computes with its own rows' adapters (the routing lives in the calling thread's
+context; the per-layer stack cache is replaced whole, never edited in place). Calls that change the model (attach,
+load_adapter, set_active, swap_adapter, prepare_swap, merge / unmerge, delete_adapter, disabled(), train / eval,
+optimizer steps) must not run while another thread runs a forward: the caller serialises them.
 
 Supported: Linear, GPT-2 Conv1D and Embedding layers with plain LoRA adapters (any rank, alpha, rsLoRA,
 adapter dtype). Refused with a clear error: training mode (inference only; in eval mode with grad enabled the
@@ -24,29 +32,30 @@ TargetError). Inside `lorakit.disabled(model)` every row gets the base model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
-from .layers import LoraLayer, SavedModule
+from .layers import ROUTING, LoraLayer, SavedModule
 from .ops.mixed import bgmv_add_, embedding_rows_add_, prefer_segments, sgmv_add_, stack_factors
 from .variants.lora import LoraAdapter
 
 BASE = "__base__"  # the row gets no adapter (PEFT's name)
 _STATE = "_lorakit_mixed"  # root model attribute: _MixedState
 _STACK = "_lorakit_mixed_stack"  # LoraLayer attribute: _LayerStack (the cache)
+# {id of a model's _MixedState: the names its running generate(adapter_names=...) pinned}, in this thread / task
+_PINNED: ContextVar[dict[int, list[str]] | None] = ContextVar("lorakit_mixed_pinned", default=None)
 
 
 @dataclass
 class _MixedState:
-    """Per model: the ids of the two root hooks, the names pinned by generate, the layers routed right now."""
+    """Per model: the ids of the two root hooks (what is routed right now lives in context variables)."""
 
     hook_ids: tuple[int, int]
-    pinned: list[str] | None = None
-    routed: list[LoraLayer] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +73,9 @@ class Routing:
 
     names: tuple[str, ...]  # the batch's distinct adapters, in order of first appearance
     slots: torch.Tensor  # (batch,) int64
+    layer_ids: frozenset[int] = frozenset()  # id() of the routed model's LoraLayers
+    owner: int = 0  # id() of the routed model's _MixedState
+    outer: Routing | None = None  # the routing of this thread before this forward, restored after it
 
     def forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """`layer`'s output for a mixed batch: base(x) plus each row's own adapter."""
@@ -224,15 +236,16 @@ def make_routing(names: list[str], device: torch.device | None = None) -> Routin
 def _route_rows(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
     """Root forward pre-hook: pop adapter_names (or take generate's), check it, route every LoraLayer."""
     state: _MixedState | None = model.__dict__.get(_STATE)
+    pinned_names = (_PINNED.get() or {}).get(id(state))
     given = "adapter_names" in kwargs
-    if state is None or (not given and state.pinned is None):
+    if state is None or (not given and pinned_names is None):
         return None
     requested = kwargs.pop("adapter_names", None)
-    pinned = requested is None and state.pinned is not None
+    pinned = requested is None and pinned_names is not None
     if requested is None and not pinned:
         return args, kwargs
     batch = _batch_size(args, kwargs)
-    names = check_adapter_names(model, state.pinned if pinned else requested, batch, repeat=pinned)
+    names = check_adapter_names(model, pinned_names if pinned else requested, batch, repeat=pinned)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     used = set(names) - {BASE}
     for layer in layers:
@@ -248,19 +261,19 @@ def _route_rows(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any])
             )
     device = next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), None)
     routing = make_routing(names, device)
-    for layer in layers:
-        layer.routing = routing
-    state.routed = layers
+    routing.layer_ids = frozenset(id(layer) for layer in layers)
+    routing.owner = id(state)
+    routing.outer = ROUTING.get()
+    ROUTING.set(routing)  # this thread's (context's) forward only
     return args, kwargs
 
 
 def _clear_routing(model: nn.Module, _args: Any, _output: Any) -> None:
-    """Root forward hook (always called): the routing lasts one forward."""
+    """Root forward hook (always called): the routing lasts one forward; the thread's previous one comes back."""
     state: _MixedState | None = model.__dict__.get(_STATE)
-    if state is not None and state.routed:
-        for layer in state.routed:
-            layer.routing = None
-        state.routed = []
+    current = ROUTING.get()
+    if state is not None and current is not None and current.owner == id(state):
+        ROUTING.set(current.outer)
 
 
 class MixedGenerate:
@@ -278,15 +291,17 @@ class MixedGenerate:
         if adapter_names is None:
             return generate(model, *args, **kwargs)
         state: _MixedState = model.__dict__[_STATE]
-        if state.pinned is not None:
+        pins = _PINNED.get() or {}
+        if id(state) in pins:
             raise ConfigError("generate(adapter_names=...) called from inside another one")
         inputs = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
         batch = inputs.shape[0] if torch.is_tensor(inputs) and inputs.dim() > 1 else None
-        state.pinned = check_adapter_names(model, adapter_names, batch)
+        names = check_adapter_names(model, adapter_names, batch)
+        token = _PINNED.set({**pins, id(state): names})  # this thread's (context's) generate only
         try:
             return generate(model, *args, **kwargs)
         finally:
-            state.pinned = None
+            _PINNED.reset(token)
 
 
 def install(model: nn.Module) -> None:
