@@ -381,7 +381,7 @@ KINDS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 # benchmarks kept in their own modules: name -> module exposing KINDS, bench(s, execute), section(bench, notes)
 EXTRA_MODULES = {"qlora": "bench_qlora", "swap": "bench_swap", "mixed_batch": "bench_mixed",
-                 "loading": "bench_loading"}
+                 "loading": "bench_loading", "train_loop": "bench_loop"}
 
 
 def extra_module(name: str) -> Any:

@@ -384,6 +384,7 @@ SECTIONS = {
     "swap": _module_section("swap"),
     "mixed_batch": _module_section("mixed_batch"),
     "loading": _module_section("loading"),
+    "train_loop": _module_section("train_loop"),
 }
 
 

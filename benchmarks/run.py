@@ -17,6 +17,8 @@ Benchmarks (every configuration is measured in its own fresh subprocess, see chi
                          base model vs lorakit vs PEFT.
 * ``merge_save_load`` -- merge_and_unload, adapter save and adapter load times at hidden 1024,
                          plus adapter size on disk: lorakit vs PEFT.
+* ``train_loop``      -- lorakit's whole training loop, this checkout vs a base commit (``--base``,
+                         default 5929d8b, before the Trainer refactor), paired ABBA (bench_loop.py).
 
 Fairness: repetitions are organised in rounds; each round runs one child per contestant, and the
 contestant order is rotated from round to round so that slow drifts in machine load hit everybody.
@@ -41,6 +43,7 @@ import report
 HERE = Path(__file__).resolve().parent
 BENCHMARKS: tuple[str, ...] = (
     "train_step", "inference", "merge_save_load", "variants", "qlora", "swap", "mixed_batch", "loading",
+    "train_loop",
 )
 # the variants benchmark: lorakit's LoRA, DoRA, LoRA-FA beside PEFT's LoRA and DoRA (training step, dropout 0)
 VARIANT_CONTESTANTS: tuple[str, ...] = ("lorakit", "lorakit:dora", "lorakit:fa", "peft", "peft:dora")
@@ -76,6 +79,7 @@ class Settings:
     init_reps: int = 2
     child_timeout_s: float = 900.0
     wait_quiet_s: float = 0.0
+    loop_base: str = "5929d8b"  # train_loop: the commit the loop is compared with (before the Trainer refactor)
     quick: bool = False
     skip: tuple[str, ...] = field(default_factory=tuple)
 
@@ -295,6 +299,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="before each child, wait up to S seconds until other processes use < 10%% of the CPUs",
     )
+    ap.add_argument("--base", default=None, metavar="REV",
+                    help="train_loop: the commit whose training loop this checkout is paired with (default 5929d8b)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="write the report of the raw results in JSON (a run's .json) to --out; runs nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -304,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_settings(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {"skip": tuple(args.skip), "wait_quiet_s": args.wait_quiet}
+    if args.base is not None:
+        overrides["loop_base"] = args.base
     if args.rounds is not None:
         overrides["rounds"] = args.rounds
         overrides["io_rounds"] = args.rounds

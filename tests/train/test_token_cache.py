@@ -118,3 +118,24 @@ def test_bad_data_is_never_cached(tmp_path):
         with pytest.raises(DataError, match=r"d.jsonl:2: record has keys \['foo'\]"):
             load_datasets(TrainConfig(data=path), build_tokenizer())
     assert entries() == []
+
+
+def test_the_cache_is_pruned_to_its_budget_least_recently_used_first(tmp_path, monkeypatch):
+    tok = build_tokenizer()
+    paths = [write_jsonl(tmp_path / f"d{i}.jsonl", QA) for i in range(3)]  # three keys, entries of one size
+    load_datasets(TrainConfig(data=paths[0]), tok)
+    (first,) = entries()
+    load_datasets(TrainConfig(data=paths[1]), tok)
+    (second,) = [p for p in entries() if p != first]
+    import os
+
+    os.utime(second, (1, 1))  # the second entry is now the least recently used
+    load_datasets(TrainConfig(data=paths[0]), tok)  # a hit touches the first entry
+    budget = first.stat().st_size + second.stat().st_size + 10  # room for two entries, not three
+    monkeypatch.setenv("LORAKIT_DATA_CACHE_MAX_MB", str(budget / 2**20))
+    load_datasets(TrainConfig(data=paths[2]), tok)
+    left = entries()
+    assert first in left and second not in left and len(left) == 2
+    monkeypatch.setenv("LORAKIT_DATA_CACHE_MAX_MB", "0")  # a budget below one entry keeps the newest only
+    load_datasets(TrainConfig(data=paths[1]), tok)
+    assert len(entries()) == 1 and entries()[0] not in left

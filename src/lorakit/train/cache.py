@@ -3,7 +3,9 @@
 Key: SHA-256 of the data files' paths and bytes, the tokenizer (its class, backend JSON or vocabulary, chat
 template, special tokens), every setting that changes the examples, and the data layer's own source. Entries are
 safetensors files (flat int32 token and label arrays, offsets, JSON metadata; no pickle) written atomically under
-`cache_dir()`; an entry that cannot be read back is ignored and rebuilt.
+`cache_dir()`; an entry that cannot be read back is ignored and rebuilt. After each save the cache is pruned to
+`max_bytes()` (`$LORAKIT_DATA_CACHE_MAX_MB`, default 2048 MiB), least recently used entries first; the entry just
+written is always kept.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .readers import file_digest
 from .tokenize import DataStats
 
 CACHE_FORMAT = 1
+DEFAULT_MAX_MB = 2048
 _SOURCES = ("readers.py", "chat.py", "tokenize.py", "data.py", "cache.py")
 
 
@@ -35,6 +38,42 @@ def cache_dir() -> Path | None:
     if root:
         return Path(root) / "data"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lorakit" / "data"
+
+
+def max_bytes() -> int:
+    """The cache's size budget: `$LORAKIT_DATA_CACHE_MAX_MB` (MiB; a bad value falls back to the default)."""
+    try:
+        mb = float(os.environ.get("LORAKIT_DATA_CACHE_MAX_MB", DEFAULT_MAX_MB))
+    except ValueError:
+        mb = DEFAULT_MAX_MB
+    return max(0, int(mb * 2**20)) if mb == mb else DEFAULT_MAX_MB * 2**20  # NaN: the default
+
+
+def prune(directory: Path, budget: int, keep: str | None = None) -> list[Path]:
+    """Delete the least recently used entries (`*.safetensors`, by modification time: `load` touches an entry)
+    until the rest fit in `budget` bytes; the entry `keep` (a key) stays whatever its size. Returns the deleted
+    paths; files that vanish meanwhile (another run pruning) are skipped."""
+    entries = []
+    for path in directory.glob("*.safetensors"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    deleted = []
+    for _, size, path in sorted(entries):
+        if total <= budget:
+            break
+        if path.stem == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -113,6 +152,7 @@ def save(directory: Path, key: str, fields: dict[str, Any]) -> None:
         meta[name] = None if meta[name] is None else vars(meta[name])
     try:
         atomic_write(directory, {f"{key}.safetensors": write_safetensors(tensors, {"lorakit": json.dumps(meta)})})
+        prune(directory, max_bytes(), keep=key)
     except OSError:
         pass
 
@@ -131,9 +171,18 @@ def load(directory: Path, key: str) -> dict[str, Any] | None:
         fields = dict(meta, train=_unflat(tensors, "train"), eval=_unflat(tensors, "eval"))
         for name in ("train_stats", "eval_stats"):
             fields[name] = None if fields[name] is None else DataStats(**fields[name])
+        _touch(path)
         return fields
     except Exception:  # truncated file, bad header, foreign JSON: rebuild it
         return None
 
 
-__all__ = ["cache_dir", "cache_key", "load", "save", "tokenizer_fingerprint"]
+def _touch(path: Path) -> None:
+    """Mark an entry as used now (pruning removes the least recently used first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+__all__ = ["cache_dir", "cache_key", "load", "max_bytes", "prune", "save", "tokenizer_fingerprint"]
