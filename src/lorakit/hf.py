@@ -8,9 +8,6 @@ and merge adapters into a model that plain transformers loads (text generation w
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, ConfigError, ModelDirError  # noqa: F401 - ModelDirError: re-exported
+from .errors import AdapterFileError, ConfigError, MergeError, ModelDirError  # noqa: F401 - ModelDirError: re-exported
+from .io.publish import publishing
 from .loading.hub import resolve_model
 from .loading.load import load_model, load_tokenizer
 from .loading.options import (  # noqa: F401 - re-exported: lorakit.hf is where the CLI and tests find them
@@ -34,6 +32,7 @@ from .loading.options import (  # noqa: F401 - re-exported: lorakit.hf is where 
     resolve_device,
     task_from_config,
 )
+from .names import check_out_not_input
 
 
 def load_model_dir(
@@ -111,32 +110,13 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ConfigError(f"output directory {out} is not empty; pass --force (force=True) to replace it")
 
 
-def _fsync_tree(directory: Path) -> None:
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished directory `tmp` at `out`; an existing `out` is moved aside first and deleted only
-    once the new one is in place."""
-    backup = None
-    if out.is_dir():
-        if any(out.iterdir()):
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            backup.rmdir()
-            os.replace(out, backup)
-        else:
-            out.rmdir()
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if backup is not None and not out.exists():
-            os.replace(backup, out)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+def _check_merged_finite(model: nn.Module, dtype: torch.dtype) -> None:
+    """Raise MergeError naming the first floating tensor of the merged `model` with NaN or inf (after the cast)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise MergeError(f"the merged model's {name!r} has {bad} value(s) that are inf or NaN in "
+                             f"{str(dtype).removeprefix('torch.')}; nothing written")
 
 
 def merge_to_dir(
@@ -153,14 +133,18 @@ def merge_to_dir(
     The base is loaded in fp32, the adapters (several are summed) are merged with merge_and_unload(safe=True),
     and the result is cast to `dtype` ("fp32" / "bf16" / "fp16"; default: the dtype in the base config, fp32 if
     it names none). With `quantize="nf4"` the base is loaded in NF4 and the adapters are merged into its
-    dequantised weights: the weights a QLoRA adapter was trained against. Everything is written to a temporary directory next to `out`, synced, and renamed to `out`
-    at the end: `out` is never left half-written.
+    dequantised weights: the weights a QLoRA adapter was trained against. Everything is written to a temporary
+    directory next to `out`, synced, and swapped in with one rename (io.publish): a kill at any instant leaves the
+    old `out` or the new one, whole. Another process writing `out` meanwhile is refused (io.lock).
 
     Raises:
         ConfigError: `out` is not empty (and not `force`), or is a file; an unknown dtype.
-        ModelDirError / AdapterFileError: bad directories. MergeError: a delta with NaN or inf.
+        DirectoryLockedError: another live process is writing `out` (its lock file and pid are named).
+        ConfigError: `out` is, contains or lies inside the model directory or an adapter directory.
+        ModelDirError / AdapterFileError: bad directories. MergeError: a delta with NaN or inf, or a merged weight
+            that is inf or NaN in the output dtype (fp16 overflows above 65504); nothing is written then.
     """
-    from .model import merge_and_unload
+    from .model import check_merge, merge_and_unload
 
     dirs = [adapter_dirs] if isinstance(adapter_dirs, (str, Path)) else list(adapter_dirs)
     if not dirs:
@@ -174,23 +158,22 @@ def merge_to_dir(
     for adapter_dir in dirs:
         if not Path(adapter_dir).is_dir():
             raise AdapterFileError(f"adapter directory {adapter_dir} does not exist")
+    check_out_not_input(out, [("--model", model_dir), *(("--adapter", d) for d in dirs)])  # before loading
     model, tokenizer = load_model_dir(model_dir, task=adapter_task(dirs[0]), dtype=torch.float32, quantize=quantize)
     if target is None:
         target = checkpoint_dtype(model_dir)
     load_adapters(model, dirs)
+    if quantize is None:
+        check_merge(model, dtype=target)  # W0 + ΔW finite in the dtype written (fp16: |w| <= 65504), before merging
     model = merge_and_unload(model, safe=True)
     model.to(target)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    _check_merged_finite(model, target)  # whatever else the cast made inf / NaN (quantised bases, the other weights)
+    # one rename publishes the whole directory (io.publish: a kill leaves the old `out` or the new one, whole);
+    # out's lock (io.lock) refuses a second writer; no file of an old `out` is carried into the merged model
+    with publishing(out, carry=False, lock=True, purpose="lorakit merge") as tmp:
+        _check_out_dir(out, force)  # under the lock: nothing appeared there meanwhile
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
-        _check_out_dir(out, force)  # nothing appeared there meanwhile
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -1,15 +1,14 @@
 """Reading and writing adapter files safely.
 
-Writes go to temporary files in the target directory, are flushed to disk, and only then renamed over
-the old files: a crash or a full disk while writing leaves the previous adapter intact. Reads never run
-pickle code: a legacy `adapter_model.bin` is read with `torch.load(weights_only=True)`.
+A single file is written to a temporary file beside it (`.<file>.lorakit-tmp-<pid>-<hex8>.tmp`), flushed and renamed
+over the old one; a directory of files is published all at once by io.publish. Reads never run pickle code: a
+legacy `adapter_model.bin` is read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterFileError
+from .publish import publishing, recover, sweep_leftovers, temp_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,14 +27,16 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 def atomic_write(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     """Write several files into `directory` all-or-nothing per file: each writer fills a temporary path;
-    the renames happen only after every file was written and synced."""
+    the renames happen only after every file was written and synced. Files that must change together belong
+    in one directory published by io.publish.publishing instead. Temporary files a killed writer left in
+    `directory` (their pid no longer alive) are removed first."""
     directory.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(directory)
     temps: dict[str, Path] = {}
     try:
         for filename, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
-            os.close(fd)
-            temps[filename] = Path(tmp)
+            temps[filename] = directory / temp_name(filename, suffix=".tmp")
+            temps[filename].touch(exist_ok=False)
             write(temps[filename])
             with open(temps[filename], "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -44,6 +46,22 @@ def atomic_write(directory: Path, writers: dict[str, Callable[[Path], None]]) ->
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+def publish_files(
+    directory: Path, writers: dict[str, Callable[[Path], None]], *, lock: bool | Path = True, carry: bool = True,
+) -> None:
+    """Write several files that belong together (an adapter's config and weights) as one directory that
+    becomes visible at `directory` all at once (io.publish.publishing: a kill at any instant leaves the old
+    set or the new one). Entries of the old directory that `writers` does not name are kept when `carry`.
+
+    Raises:
+        DirectoryLockedError: another live process is writing `directory` (or the directory `lock` names).
+        ConfigError: `directory` exists and is not a directory.
+    """
+    with publishing(directory, carry=carry, lock=lock, purpose="save_adapter") as tmp:
+        for filename, write in writers.items():
+            write(tmp / filename)
 
 
 def write_json(data: dict[str, Any]) -> Callable[[Path], None]:
@@ -67,6 +85,8 @@ def read_config(directory: Path) -> dict[str, Any]:
         AdapterFileError: missing, unreadable or not a JSON object.
     """
     path = directory / CONFIG_NAME
+    if not path.is_file():
+        recover(directory)  # a save killed between the two renames of the fallback publication
     if not path.is_file():
         raise AdapterFileError(f"no {CONFIG_NAME} in {directory}: not an adapter directory")
     try:

@@ -1,9 +1,10 @@
 """Checkpoints of a training run: adapter (PEFT format) or trainable weights, optimizer, scheduler, fp16 loss
 scaler, RNG states and the data position (the global step), so that `--resume` continues the exact loss curve.
 
-A checkpoint is written to a temporary directory (.tmp-*) and renamed into place; only then are checkpoints beyond
-the last K removed, each renamed to a .tmp-* name before it is deleted, so a crash never leaves the run without its
-previous complete checkpoint nor a half-deleted one under its final name (rundir.sweep_temporary clears .tmp-*).
+A checkpoint is written to a temporary directory beside it and published with one rename (io.publish: a kill at any
+instant leaves no checkpoint or a whole one under `step-N`); only then are checkpoints beyond the last K removed,
+each renamed to a .tmp-* name before it is deleted, so a crash never leaves the run without its previous complete
+checkpoint nor a half-deleted one under its final name (rundir.sweep_temporary clears what a crash left).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..io import save_adapter
 from ..io.files import read_weights
 from ..io.peft import adapter_state
+from ..io.publish import publishing
 
 STATE_NAME = "trainer_state.json"
 # TrainConfig fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them
@@ -72,8 +73,8 @@ def save_checkpoint(
     parent = root / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}step-{step:07d}.", dir=parent))
-    try:
+    # the run's out directory is locked by the caller (loop.train / Trainer.fit): no lock of its own
+    with publishing(final, carry=False, lock=False) as tmp:
         if method == "lora":
             # as trained (PiSSA / OLoRA: the residual form the resumed run attaches again), not for serving
             save_adapter(model, tmp / "adapter", convert_to_lora=False, vllm_check=False)
@@ -84,12 +85,6 @@ def save_checkpoint(
                     "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state()},
                    tmp / "optimizer.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "global_step": step}, indent=1))
-        if final.exists():
-            remove_by_renaming(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     done = sorted(p for p in parent.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
         if protect is None or old != Path(protect):

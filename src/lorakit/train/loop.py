@@ -18,6 +18,7 @@ from ..config import LoraConfig
 from ..errors import LorakitError
 from ..heap import tune_for_training
 from ..io.files import atomic_write
+from ..io.lock import directory_lock
 from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig
@@ -101,6 +102,7 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         LorakitError subclasses: bad data (file and line named), a model directory that cannot be loaded,
         a --resume directory from another run, a NaN/inf loss or a collapsed fp16 loss scale (TrainingError;
         the last good checkpoint is kept and named).
+        DirectoryLockedError: another live process is training into (or writing) --out.
     """
     from . import data as D
 
@@ -119,6 +121,14 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
         tokenizer = load_tokenizer(cfg.model)
     datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
+    # --out is locked from here to the end of the run (io.lock): a second run into it is refused, by name
+    with directory_lock(cfg.out, purpose="lorakit train"):
+        return _train_into_out(cfg, model, tokenizer, datasets, callbacks, resume_dir, device)
+
+
+def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, datasets: Any,
+                    callbacks: list[Callback] | None, resume_dir: Path | None, device: torch.device) -> TrainResult:
+    """train() once the data is loaded and --out is locked: prepare --out, load the model, attach, fit."""
     task = datasets.task
     out_dir = rundir.prepare_out_dir(cfg, resume_dir)  # only once the data is good: bad data writes nothing
     resolved = cfg.to_yaml()

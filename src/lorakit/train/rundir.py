@@ -4,7 +4,9 @@ rule that a second run never mixes with the first (refused, or the first cleared
     runs/x/                      (--out)
       train_config.yaml  metrics.jsonl  adapter/ | model/
       checkpoints/step-0000040/  checkpoints/step-0000080/     (the newest is what `--resume` alone means)
-      .tmp-*                     (temporary: a checkpoint being written or deleted; swept at the next start)
+      .tmp-*                     (temporary: a checkpoint or an output being deleted; swept at the next start)
+      .<name>.lorakit-tmp-<pid>-*  (io.publish: a checkpoint / adapter / model being written; swept at the next start)
+    runs/.x.lorakit-lock         (io.lock: held by the run for its whole duration; a second run is refused)
 
 Resuming with a larger max_steps: the LR schedule is recomputed for the new horizon and continued from the
 checkpoint's step, with the warm-up the first run had (`schedule_horizon`): lr(t) = peak * f(t; warmup, new total),
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..io.publish import sweep_leftovers
 from . import checkpoint as ckpt
 from .checkpoint import TMP_PREFIX, ResumeError, read_checkpoint_state, remove_by_renaming
 from .config import TrainConfig
@@ -154,11 +157,14 @@ def prepare_out_dir(cfg: TrainConfig, resume_dir: Path | None = None) -> Path:
 
 
 def sweep_temporary(out_dir: str | Path) -> list[Path]:
-    """Remove the temporary directories and files an interrupted run left in out_dir and its checkpoints."""
+    """Remove the temporary directories and files an interrupted run left in out_dir and its checkpoints (the run
+    holds out_dir's lock, so none belongs to a live run): first io.publish's (a previous copy left aside by a
+    killed publication is put back), then the .tmp-* entries of pruning and earlier versions."""
     removed: list[Path] = []
     for parent in (Path(out_dir), Path(out_dir) / CHECKPOINTS):
         if not parent.is_dir():
             continue
+        removed += sweep_leftovers(parent)
         for path in parent.iterdir():
             if path.name.startswith((TMP_PREFIX, LEGACY_TMP)):
                 _delete(path)

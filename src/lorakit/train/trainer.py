@@ -21,6 +21,8 @@ from .. import model as M
 from ..errors import ConfigError
 from ..heap import tune_for_training
 from ..io import save_adapter
+from ..io.lock import directory_lock
+from ..io.publish import publishing
 from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
 from . import precision, rundir
@@ -279,9 +281,16 @@ class Trainer:
         On the CPU this fixes glibc's malloc thresholds for the process (lorakit.tune_cpu_allocator: freed step
         memory is reused instead of faulted in again); LORAKIT_KEEP_HEAP=0 leaves malloc alone.
 
+        The out directory is locked for the whole run (io.lock; re-entrant when lorakit.train already holds it).
+
         Raises:
             TrainingError: a non-finite loss, or a collapsed fp16 loss scale (the last checkpoint is named).
+            DirectoryLockedError: another live process is training into (or writing) the out directory.
         """
+        with directory_lock(self.out_dir, purpose="lorakit Trainer.fit"):
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         cfg = self.config
         tune_for_training(str(self.device))
         loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict())
@@ -353,9 +362,10 @@ class Trainer:
             saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert)
         else:
             saved = self.out_dir / "model"
-            self.model.save_pretrained(saved)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(saved)
+            with publishing(saved, carry=False, lock=False) as tmp:  # one rename; out is locked by fit
+                self.model.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
         self.message(f"saved {self.saves_name} to {saved}")
         return saved
 
