@@ -22,7 +22,7 @@ from . import model as M
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterNameError, ConfigError, LorakitError, MergeError
 from .layers import LoraLayer
-from .names import check_adapter_name
+from .names import check_adapter_name, check_out_not_input
 from .ops.combine import (
     DENSITY_METHODS,
     METHODS,
@@ -191,7 +191,8 @@ def combine_dirs(
         combine's report, with "weights" keyed by label and "out".
 
     Raises:
-        ConfigError: no adapters, repeated labels, a non-empty `out` without `force`, bad options.
+        ConfigError: no adapters, repeated labels, a non-empty `out` without `force`, bad options, an `out` that is,
+            contains or lies inside an input directory (checked before anything is loaded).
         AdapterFileError / ShapeMismatchError / ModelDirError: a missing directory, or an adapter that does not fit
             the base model (the message names the module, the expected and the found shape).
     """
@@ -210,6 +211,8 @@ def combine_dirs(
     for _, directory, _ in adapters:
         if not Path(directory).is_dir():
             raise AdapterFileError(f"adapter directory {directory} does not exist")
+    local_model = [("--model", model_dir)] if Path(model_dir).is_dir() else []  # not a model ID
+    check_out_not_input(out, [*local_model, *(("--adapter", directory) for _, directory, _ in adapters)])
     model, _ = load_model_dir(model_dir, task=adapter_task(adapters[0][1]), dtype=dtype, quantize=quantize,
                               with_tokenizer=False)
     inputs = {}

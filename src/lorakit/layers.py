@@ -37,6 +37,12 @@ class _Wrapper(nn.Module):
             return getattr(super().__getattr__(self._wrapped_attr), name)
 
 
+def nonfinite_after_cast(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """How many entries of `weight` are NaN or ±inf once cast to the floating dtype `dtype` (fp16 overflows to inf
+    above 65504, bf16 above about 3.4e38)."""
+    return int((~torch.isfinite(weight.to(dtype))).sum())
+
+
 class LoraLayer(_Wrapper):
     """A base layer plus any number of named adapters; active ones are summed into its output.
 
@@ -84,11 +90,29 @@ class LoraLayer(_Wrapper):
         return routing if routing is not None and id(self) in routing.layer_ids else None
 
     # -- merging -----------------------------------------------------------------------------------------
-    def check_finite(self, names: list[str]) -> None:
-        """Raise MergeError if an adapter's delta has NaN or inf (safe merge)."""
+    def check_finite(self, names: list[str], dtype: torch.dtype | None = None) -> None:
+        """Raise MergeError if an adapter's delta has NaN or inf, or if the merged weight W0 + Σ ΔW (summed in fp32)
+        does once cast to the weight's dtype or to `dtype` (safe merge; e.g. above 65504 in fp16).
+
+        Quantised bases are checked for their deltas only (their dense weight is made by quant.merge)."""
+        deltas = []
         for name in names:
-            if not torch.isfinite(self.adapters[name].delta_weight(self.base_layer)).all():
+            delta = self.adapters[name].delta_weight(self.base_layer)
+            if not torch.isfinite(delta).all():
                 raise MergeError(f"adapter {name!r} on module {self.path!r} has NaN or inf in its delta; not merged")
+            deltas.append(delta)
+        weight = getattr(self.base_layer, "weight", None)
+        if not deltas or self.kind.quantized or not torch.is_tensor(weight):
+            return
+        merged = weight.detach().float() + sum(deltas)
+        for target in dict.fromkeys(t for t in (weight.dtype, dtype) if t is not None):
+            bad = nonfinite_after_cast(merged, target)
+            if bad:
+                raise MergeError(
+                    f"module {self.path!r}: W0 + ΔW of adapter(s) {names} has {bad} value(s) that are inf or NaN "
+                    f"in {str(target).removeprefix('torch.')} (largest |value| {float(merged.abs().max()):.6g}; "
+                    f"{str(target).removeprefix('torch.')} holds at most {torch.finfo(target).max:.6g}); not merged"
+                )
 
     def merge(self, names: list[str]) -> dict[str, float] | None:
         """Merge each adapter into the base weight (LoRA: W0 += ΔW, computed in fp32, cast to the weight's dtype).

@@ -318,14 +318,30 @@ def _forget(model: nn.Module) -> None:
     _save_pretrained.uninstall(model)  # a plain model saves as a plain model again
 
 
+def check_merge(model: nn.Module, names: list[str] | None = None, dtype: torch.dtype | None = None) -> None:
+    """merge(safe=True)'s check, without merging: every delta of `names` (default: the active adapters) and every
+    merged weight W0 + ΔW is finite in the weight's dtype and in `dtype` (the dtype the merged model will be cast to).
+
+    Raises:
+        MergeError: the first module with NaN or inf (the message names the module, the adapters and the dtype).
+    """
+    names = active_adapters(model) if names is None else list(names)
+    _require(model, names)
+    for layer in lora_layers(model):
+        layer.check_finite([n for n in names if n in layer.adapters and n not in layer.merged], dtype)
+
+
 def merge(
-    model: nn.Module, names: list[str] | None = None, safe: bool = False, requantize: bool = False
+    model: nn.Module, names: list[str] | None = None, safe: bool = False, requantize: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, float]]:
     """Add the adapters' s · B A into the base weights (fp32 math, cast to the weight dtype).
 
     Args:
         names: adapters to merge; default the active ones.
-        safe: check every delta for NaN/inf first and merge nothing if one has any.
+        safe: check first that every delta, and every merged weight W0 + ΔW in the weight's dtype (and in `dtype`),
+            is free of NaN/inf (check_merge), and merge nothing if one is not: an fp16 weight above 65504 is inf.
+        dtype: with `safe`, also check the merged weights in this dtype (the one the caller will cast them to).
         requantize: allow merging into quantised (NF4, bitsandbytes 4-bit) bases by re-quantising W0 + s B A.
             Lossy, so off by default: merge_and_unload gives dense layers instead. unmerge restores the codes.
 
@@ -334,8 +350,8 @@ def merge(
         rel_fro_error, update_rel_error), with a LossyMergeWarning; empty when no base is quantised.
 
     Raises:
-        MergeError: in safe mode, a delta with NaN or inf (the message names the module and adapter); a
-            quantised base without requantize=True.
+        MergeError: in safe mode, a delta or a merged weight with NaN or inf (the message names the module, the
+            adapter and the dtype); a quantised base without requantize=True.
     """
     from .quant.merge import check_requantize_allowed, warn_requantized
 
@@ -345,8 +361,7 @@ def merge(
     if not requantize:
         check_requantize_allowed(layers, names)
     if safe:
-        for layer in layers:
-            layer.check_finite([n for n in names if n in layer.adapters and n not in layer.merged])
+        check_merge(model, names, dtype)
     report = {}
     for layer in layers:
         error = layer.merge(names)
@@ -369,6 +384,9 @@ def merge_and_unload(model: nn.Module, safe: bool = False, dtype: torch.dtype | 
     modules_to_save are replaced by the active adapter's trained copy. Quantised layers (NF4Linear,
     bitsandbytes Linear4bit) become dense nn.Linear in their compute dtype, or `dtype`: W = dequant(W_q) + s B A
     for adapted ones, with a LossyMergeWarning (W0's quantisation error stays; quant.merge).
+
+    Raises:
+        MergeError: inside a disabled() block; with `safe`, a delta or merged weight with NaN or inf (see merge).
     """
     from .quant.merge import unload_quantized
 

@@ -8,6 +8,8 @@ an nn.ModuleDict and a PEFT adapter name, so it is refused when it could be any 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -63,3 +65,27 @@ def _shown(name: Any) -> str:
     """repr(name), cut to about 80 characters (a hostile name may be megabytes long)."""
     text = repr(name)
     return text if len(text) <= 80 else f"{text[:60]}...{text[-12:]} ({len(text)} characters)"
+
+
+def check_out_not_input(out: str | Path, inputs: Iterable[tuple[str, str | Path]], flag: str = "out") -> None:
+    """Refuse an output directory that is one of the inputs, contains one, or lies inside one (symlinks resolved):
+    replacing it (`--force`) would delete the inputs, or write the result into them.
+
+    Args:
+        out: the output directory (it need not exist).
+        inputs: (what the input is, e.g. "--model", its directory) pairs.
+        flag: the output's name in the message ("--out").
+
+    Raises:
+        ConfigError: naming the output, the input and how they overlap.
+    """
+    target = Path(out).resolve()
+    for what, directory in inputs:
+        source = Path(directory).resolve()
+        relation = ("is" if target == source else "contains" if source.is_relative_to(target)
+                    else "is inside" if target.is_relative_to(source) else None)
+        if relation is not None:
+            raise ConfigError(
+                f"{flag} {str(out)!r} {relation} the {what} directory {str(directory)!r}: writing the result there "
+                f"would replace or change its own input; choose an output directory outside every input"
+            )

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_llama, token_ids
 
 import lorakit
+from conftest import randomize_adapters, tiny_llama, token_ids
 from lorakit.cli.main import main
 from lorakit.layers import LoraLayer
 from lorakit.mixed import BASE

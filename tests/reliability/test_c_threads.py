@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from conftest import randomize_adapters, tiny_llama, token_ids
 
 import lorakit
+from conftest import randomize_adapters, tiny_llama, token_ids
 from lorakit.mixed import BASE
 
 THREADS = 4
