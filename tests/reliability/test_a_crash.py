@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -225,3 +226,15 @@ def test_publishing_refuses_a_target_that_is_a_file(tmp_path):
         lorakit.save_adapter(MODELS[1], tmp_path / "adapter")
     assert (tmp_path / "adapter").read_text() == "not a directory" and leftovers(tmp_path) == []
     assert publish.sweep_leftovers(tmp_path / "missing") == []
+
+
+def test_a_mount_point_is_published_entry_by_entry_and_keeps_its_other_entries(tmp_path, monkeypatch):
+    out = tmp_path / "mounted"
+    lorakit.save_adapter(MODELS[1], out)
+    (out / "README.md").write_text("notes")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out or real(p))  # `out` cannot be renamed
+    inode = out.stat().st_ino
+    lorakit.save_adapter(MODELS[2], out)
+    assert _version(out) == 2 and out.stat().st_ino == inode  # written inside, not swapped
+    assert (out / "README.md").read_text() == "notes" and leftovers(tmp_path, out) == []

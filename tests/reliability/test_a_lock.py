@@ -130,7 +130,7 @@ def test_a_run_after_a_killed_one_takes_its_lock_and_leaves_nothing_temporary(tm
     result = train(_train_config(tmp_path, causal_lm_dir, out, max_steps=3, save_steps=1, save_total_limit=1))
     assert (result.saved_dir / "adapter_config.json").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003"]
-    assert leftovers(tmp_path, out, out / "checkpoints") == []
+    assert leftovers(tmp_path, out, out / "checkpoints", out / "checkpoints" / "step-0000003") == []
 
 
 def test_another_thread_of_the_same_process_is_refused_and_the_owner_re_enters(tmp_path):

@@ -49,8 +49,11 @@ _HELD_GUARD = threading.Lock()
 
 
 def lock_path(directory: str | Path) -> Path:
-    """The lock file of `directory`: `<parent>/.<name>.lorakit-lock` (beside it, so a swap never moves it)."""
+    """The lock file of `directory`: `<parent>/.<name>.lorakit-lock` (beside it, so a swap never moves it); inside
+    it, `<directory>/.lorakit-lock`, for a directory that is never swapped (a mount point, a read-only parent)."""
     resolved = Path(os.path.abspath(directory))
+    if resolved.is_dir() and (os.path.ismount(resolved) or not os.access(resolved.parent, os.W_OK)):
+        return resolved / LOCK_SUFFIX
     return resolved.parent / f".{resolved.name}{LOCK_SUFFIX}"
 
 

@@ -13,7 +13,8 @@ renames leaves the target missing and an `.lorakit-old-` copy, which the next sa
 read of the target (io.files.read_config), puts back. Temporary entries whose owner pid is no longer alive are
 removed by the next publication into the same parent (never those of a live process). Entries of the old
 directory that the new one does not contain (another adapter's sub-directory, a README) are carried over as hard
-links when `carry=True`.
+links when `carry=True`. A directory that cannot be renamed (a mount point, or a read-only parent) is published
+entry by entry instead: each file atomically, not the set (`replace_entries`).
 """
 
 from __future__ import annotations
@@ -254,16 +255,46 @@ def publishing(target: str | Path, *, carry: bool = True, lock: bool | str | Pat
         raise ConfigError(f"{target} exists and is not a directory; expected a directory to write into")
     target.parent.mkdir(parents=True, exist_ok=True)
     guard = nullcontext() if lock is False else directory_lock(target if lock is True else lock, purpose)
+    in_place = fixed_in_place(target)
+    home = target if in_place else target.parent
     with guard:
-        sweep_leftovers(target.parent)
+        sweep_leftovers(home)
         recover(target)
-        tmp = target.parent / temp_name(target.name)
+        tmp = home / temp_name(target.name)
         tmp.mkdir()
         try:
             yield tmp
-            if carry and target.is_dir():
-                carry_entries(target, tmp)
-            swap_in(tmp, target)
+            if in_place:
+                replace_entries(tmp, target)
+            else:
+                if carry and target.is_dir():
+                    carry_entries(target, tmp)
+                swap_in(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def fixed_in_place(directory: Path) -> bool:
+    """True for an existing directory that cannot be renamed: a mount point, or one whose parent is not
+    writable. Such a directory is published entry by entry (replace_entries), each entry atomically."""
+    return directory.is_dir() and (os.path.ismount(directory) or not os.access(directory.parent, os.W_OK))
+
+
+def replace_entries(tmp: Path, target: Path) -> None:
+    """Move each entry of the complete directory `tmp` (inside `target`) over the same name in `target`: a file
+    with one rename, a directory with an exchange (or renamed aside first); then remove `tmp`. Each entry is
+    replaced atomically, the set of them is not: the fallback for a directory that cannot itself be renamed."""
+    fsync_tree(tmp)
+    for entry in sorted(tmp.iterdir()):
+        destination = target / entry.name
+        if destination.is_dir() and not destination.is_symlink():
+            if not exchange(entry, destination):
+                aside = target / temp_name(entry.name)
+                os.rename(destination, aside)
+                os.rename(entry, destination)
+                shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(entry, destination)
+    fsync_dir(target)
+    shutil.rmtree(tmp, ignore_errors=True)
