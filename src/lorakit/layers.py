@@ -21,6 +21,7 @@ from .layer_kinds import LayerKind
 # lorakit.mixed sets it for one forward of one model. A context variable, not an attribute of the layers, so
 # that forwards running at the same time in other threads never see it.
 ROUTING: ContextVar[Any] = ContextVar("lorakit_mixed_routing", default=None)
+MIXED_STACK = "_lorakit_mixed_stack"  # LoraLayer.__dict__ key of lorakit.mixed's stack cache (never pickled)
 
 
 class _Wrapper(nn.Module):
@@ -82,6 +83,12 @@ class LoraLayer(_Wrapper):
             else:
                 out = adapter.add_to_output(base, x, out)
         return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        """pickle / torch.save / deepcopy: the layer without lorakit.mixed's stack cache (rebuilt on first use)."""
+        state = self.__dict__.copy()
+        state.pop(MIXED_STACK, None)
+        return state
 
     @property
     def routing(self) -> Any:

@@ -40,13 +40,13 @@ import torch
 from torch import nn
 
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
-from .layers import ROUTING, LoraLayer, SavedModule
+from .layers import MIXED_STACK, ROUTING, LoraLayer, SavedModule
 from .ops.mixed import bgmv_add_, embedding_rows_add_, prefer_segments, sgmv_add_, stack_factors
 from .variants.lora import LoraAdapter
 
 BASE = "__base__"  # the row gets no adapter (PEFT's name)
 _STATE = "_lorakit_mixed"  # root model attribute: _MixedState
-_STACK = "_lorakit_mixed_stack"  # LoraLayer attribute: _LayerStack (the cache)
+_STACK = MIXED_STACK  # LoraLayer attribute: _LayerStack (the cache; LoraLayer leaves it out of a pickle)
 # {id of a model's _MixedState: the names its running generate(adapter_names=...) pinned}, in this thread / task
 _PINNED: ContextVar[dict[int, list[str]] | None] = ContextVar("lorakit_mixed_pinned", default=None)
 

@@ -49,6 +49,13 @@ class DoraAdapter(LoraAdapter):
             norm = self.norm(base_layer, eps=0.0)  # a zero row gets m = 0 (and c = 0 / eps = 0 in forward)
         self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
 
+    def __getstate__(self) -> dict[str, Any]:
+        """pickle / torch.save / deepcopy: without the norm caches, whose keys are storage addresses and version
+        counters of this process's tensors (a copy could match them by chance); recomputed on first use."""
+        state = self.__dict__.copy()
+        state["_w0_sq"] = state["_norm_cache"] = None
+        return state
+
     def rebase(self, kind: LayerKind) -> None:
         """A new base of the same shape: new layout, and ||W0_i||² is recomputed from it on the next use."""
         super().rebase(kind)
