@@ -1,6 +1,7 @@
 """The verbs on a whole model: attach, set_active, disabled, delete_adapter, merge, unmerge,
 merge_and_unload, trainable_parameters. Adapters live in LoraLayer wrappers; the model keeps a small
-`_lorakit` record of the configs and the active set.
+`_lorakit` record of the configs and the active set. Threads: these verbs change shared state and must not run
+while another thread runs a forward of the same model (concurrent forwards alone are fine: lorakit.mixed).
 """
 
 from __future__ import annotations

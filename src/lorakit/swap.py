@@ -9,6 +9,11 @@ declared in advance, as with PEFT's `prepare_model_for_compiled_hotswap(target_r
 s = alpha / r, a float on each adapter that dynamo specialises (a new value would recompile): the file's scale
 s_f goes into B as the gain g = s_f / s, so that s · (g B_f) A_f = s_f B_f A_f. `peft_tensors()` divides the
 gain out and slices the true rank again (`SwapSlot`), so save_adapter writes the file's rank and tensors.
+
+Threads: a swap writes A, B (and DoRA's m) in place, module by module, with no lock. A forward running meanwhile in
+another thread may see some modules swapped and others not, so swap (and prepare_swap) only between forwards: the
+serving loop serialises them (e.g. one lock held by the swap and by each request's forward). Forwards alone, with
+or without `adapter_names`, may run concurrently (lorakit.mixed).
 """
 
 from __future__ import annotations
