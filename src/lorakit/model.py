@@ -75,7 +75,7 @@ def get_config(model: nn.Module, name: str = "default") -> LoraConfig:
 def _require(model: nn.Module, names: list[str]) -> None:
     known = _record(model).configs
     for name in names:
-        if name not in known:
+        if not isinstance(name, str) or name not in known:  # a list or dict as a name is unknown, not a TypeError
             raise AdapterNameError(
                 f"no adapter named {name!r} on this model; attached: {', '.join(known) or '(none)'}"
             )

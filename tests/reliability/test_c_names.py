@@ -24,7 +24,7 @@ def hostile_names(root: Path) -> list:
     return [
         "", ".", "..", "../escape", "a/b", "a\\b", "C:escape", str(root / "outside"), "/", "a.b",
         "nul\x00byte", "new\nline", "tab\tname", "del\x7f", "c1\x85", BASE, "x" * (MAX_NAME_BYTES + 1),
-        "é" * (MAX_NAME_BYTES // 2 + 1), 7, None, b"bytes", ("a",),
+        "é" * (MAX_NAME_BYTES // 2 + 1), 7, None, b"bytes", ("a",), ["a"],
     ]
 
 
@@ -134,6 +134,19 @@ def test_swap_refuses_hostile_names_before_reading_any_file(tmp_path: Path) -> N
         with pytest.raises(lorakit.ConfigError, match="prepare_swap.* is not a valid adapter name"):
             lorakit.prepare_swap(model, 4, names=["a", name])
         assert _fingerprint(model) == before, name
+
+
+def test_verbs_on_existing_adapters_call_a_hostile_name_unknown(tmp_path: Path) -> None:
+    model = tiny_llama(layers=1)
+    lorakit.attach(model, CONFIG, name="a")
+    before = _fingerprint(model)
+    for name in hostile_names(tmp_path):
+        for verb in (lorakit.delete_adapter, lorakit.get_config):
+            with pytest.raises(lorakit.AdapterNameError, match="no adapter named"):
+                verb(model, name)
+        with pytest.raises(lorakit.AdapterNameError, match="no adapter named"):
+            lorakit.set_active(model, ["a", name])  # (a single tuple or list is a list of names there)
+        assert _fingerprint(model) == before and lorakit.active_adapters(model) == ["a"], name
 
 
 def test_mixed_batch_rows_with_hostile_names_are_refused_by_position(tmp_path: Path) -> None:
