@@ -8,6 +8,7 @@ sampled decoding that streams the new text, and batches of prompts from a file.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .errors import AdapterFileError, ConfigError, DataError
 from .hf import check_model_dir, load_adapters, load_model_dir, model_dir_task, resolve_device
 from .loading.hub import resolve_model
@@ -59,14 +61,32 @@ def build_prompt(tokenizer: Any, prompt: str, chat: bool = False) -> dict[str, t
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def check_generation_options(max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> None:
-    """Raise ConfigError for max_new_tokens < 1, temperature < 0 or top_p outside (0, 1]."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def check_generation_options(max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                             seed: int | None = None) -> None:
+    """Raise ConfigError for max_new_tokens < 1, a temperature that is negative or not finite, top_p outside
+    (0, 1], or a seed outside [0, 2**32 - 1]."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None:
+        check_seed(seed, "seed")
+
+
+def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a generation longer than the model's context (config.max_position_embeddings, GPT-2's n_positions):
+    past it, absolute position embeddings index out of range and rotary ones produce text the model never saw.
+
+    Raises:
+        ConfigError: prompt_tokens + max_new_tokens > the context (both named).
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and prompt_tokens + max_new_tokens > context:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} plus the prompt's {prompt_tokens} tokens exceed the "
+                          f"model's context of {context} positions (config max_position_embeddings); give "
+                          f"--max-new-tokens {max(context - prompt_tokens, 0)} or less")
 
 
 def generate(
@@ -88,12 +108,14 @@ def generate(
     `seed` seeds torch before this prompt, so a sampled output is reproducible.
 
     Raises:
-        ConfigError: max_new_tokens < 1, temperature < 0, top_p outside (0, 1], --chat without a template.
+        ConfigError: max_new_tokens < 1, temperature < 0 or not finite, top_p outside (0, 1], a seed outside
+            [0, 2**32 - 1], a generation longer than the model's context, --chat without a template.
     """
     from transformers import GenerationConfig
 
-    check_generation_options(max_new_tokens, temperature, top_p)
+    check_generation_options(max_new_tokens, temperature, top_p, seed)
     inputs = build_prompt(tokenizer, prompt, chat)
+    check_context(model, inputs["input_ids"].shape[-1], max_new_tokens)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
     base_gen = getattr(model, "generation_config", None)
@@ -120,14 +142,21 @@ def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a JSONL file: one JSON object per non-empty line, with a string field "prompt".
 
     Raises:
-        DataError: a missing file, a line that is not JSON, or an object without a string "prompt"
-            (the message names the line).
+        DataError: a missing file, a directory, text that is not UTF-8, a line that is not JSON, or an object
+            without a string "prompt" (the message names the line).
     """
     file = Path(path)
+    if file.is_dir():
+        raise DataError(f"prompts file {file} is a directory; expected a JSONL file")
     if not file.is_file():
         raise DataError(f"prompts file {file} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = file.read_bytes()[:err.start].count(b"\n") + 1
+        raise DataError(f"{file}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from err
     prompts = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -161,11 +190,12 @@ def generate_all(
     stream = sys.stdout if stream is None else stream
     prompts = list(prompts)
     check_generation_options(**{k: v for k, v in options.items()
-                                if k in ("max_new_tokens", "temperature", "top_p")})
+                                if k in ("max_new_tokens", "temperature", "top_p", "seed")})
     model_dir = check_model_dir(resolve_model(model_dir))
     for adapter_dir in adapter_dirs:  # fail before the (slow) model load
         if not Path(adapter_dir).is_dir():
-            raise AdapterFileError(f"adapter directory {adapter_dir} does not exist")
+            state = "is a file, not a directory" if Path(adapter_dir).exists() else "does not exist"
+            raise AdapterFileError(f"adapter directory {adapter_dir} {state}")
     declared = model_dir_task(model_dir)
     if declared not in (None, "causal-lm"):
         raise ConfigError(f"model directory {model_dir}: generate needs a causal LM, config.json declares a {declared} model")

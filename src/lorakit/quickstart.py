@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from . import model as M
+from .checks import check_seed
 from .config import LoraConfig
+from .errors import ConfigError
 from .io import load_adapter, save_adapter
 
 VOCAB = 32  # token ids 0..31
@@ -44,8 +46,19 @@ def make_batch(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def run(out_dir: str | Path = "runs/quickstart", steps: int = 300, seed: int = 0, log_every: int = 25) -> dict:
-    """Run the quickstart; print each stage and return the measured numbers."""
+    """Run the quickstart; print each stage and return the measured numbers.
+
+    Raises:
+        ConfigError: steps or log_every < 1, a seed outside [0, 2**32 - 1], or an out_dir that is a file
+            (all before any work starts).
+    """
     out_dir = Path(out_dir)
+    for name, value in (("steps", steps), ("log_every", log_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"quickstart: {name} must be a positive integer; got {value!r}")
+    check_seed(seed, "quickstart: seed")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"quickstart: out_dir {out_dir} exists and is not a directory")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = make_base_model(seed)
     original = copy.deepcopy(model)

@@ -8,6 +8,7 @@ import math
 from ..errors import ConfigError
 from ..names import check_adapter_name
 from ..ops.combine import METHODS
+from . import values
 from .model_args import add_model_arguments, quantize_arg
 
 
@@ -29,11 +30,11 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="linear: the exact weighted sum (rank = sum of ranks); svd: truncated to --rank; "
                              "ties / dare_linear / dare_ties / magnitude_prune: merged deltas, truncated to --rank "
                              "(default: linear)")
-    parser.add_argument("--rank", type=int, default=None, metavar="N",
+    parser.add_argument("--rank", type=values.positive_int, default=None, metavar="N",
                         help="rank of the result for the SVD-based methods (default: the largest input rank)")
-    parser.add_argument("--density", type=float, default=None, metavar="D",
+    parser.add_argument("--density", type=values.finite_float, default=None, metavar="D",
                         help="share of each delta kept, in (0, 1]: ties, dare_*, magnitude_prune")
-    parser.add_argument("--seed", type=int, default=0, help="seed of DARE's random drop (default: 0)")
+    parser.add_argument("--seed", type=values.seed, default=0, help="seed of DARE's random drop (default: 0)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (written atomically)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import values
 from .model_args import add_model_arguments, quantize_arg
 
 
@@ -17,10 +18,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt")
     source.add_argument("--prompts", metavar="FILE.jsonl", help='JSONL file, one {"prompt": ...} per line')
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default: 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, set before each prompt (reproducible sampling)")
+    parser.add_argument("--max-new-tokens", type=values.positive_int, default=64, help="tokens to generate per prompt (default: 64)")
+    parser.add_argument("--temperature", type=values.finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=values.finite_float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass (default: 1.0)")
+    parser.add_argument("--seed", type=values.seed, default=None, help="random seed, set before each prompt (reproducible sampling)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt as a user message in the tokenizer's chat template")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from . import values
 from .model_args import add_model_arguments, quantize_arg
 
 CHECKS = ("vllm",)
@@ -18,24 +19,22 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (PEFT layout)")
     add_model_arguments(parser, required=False,
                         what="base model (adds ||sBA||_F / ||W0||_F and the full fine-tune size)")
-    parser.add_argument("--rank-tol", type=float, default=1e-3,
+    parser.add_argument("--rank-tol", type=_fraction, default=1e-3,
                         help="numerical rank: count singular values above this fraction of the largest (default: 1e-3)")
     parser.add_argument("--check", choices=CHECKS, default=None,
                         help="vllm: will vLLM's LoRA loader take the file, and compute as trained? Prints every "
                              "reason if not; exit status 0 if it will, 1 if not")
-    parser.add_argument("--max-lora-rank", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--max-lora-rank", type=values.positive_int, default=None, metavar="N",
                         help="with --check vllm: vLLM's --max-lora-rank (default: 16, vLLM's default)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.set_defaults(func=run)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+def _fraction(text: str) -> float:
+    """--rank-tol: a finite number in [0, 1) (a share of the largest singular value)."""
+    value = values.finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), found {text!r}")
     return value
 
 

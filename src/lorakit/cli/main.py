@@ -1,5 +1,6 @@
 """`lorakit <command>`: the command-line entry point. Each command is a module of this package with a
-`register(subparsers)` function; bad input ends in a one-line error and exit status 2, no traceback."""
+`register(subparsers)` function; a user's mistake ends in a one-line error (exit 2, or 1 for a failure while
+running such as an unreadable path), never a traceback; a bug in lorakit still shows its traceback."""
 
 from __future__ import annotations
 
@@ -10,17 +11,43 @@ import sys
 from ..errors import LorakitError
 
 COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect")  # modules of lorakit.cli, in --help order
+EPILOG = """exit status:
+  0    done
+  1    a failure while running: a path that cannot be read or written (permission denied, a directory where a
+       file is expected, a full disk), out of memory; also `inspect --check vllm` with findings and a
+       quickstart whose checks fail
+  2    bad input: an unknown or invalid flag or value, a missing or corrupt model, adapter, data or config
+       file, a device that is not there, a training run that diverged
+  130  interrupted (Ctrl-C)
+each error is one line on standard error: "lorakit: error: ..." naming the flag, value or file"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation for PyTorch models.")
+    parser = argparse.ArgumentParser(prog="lorakit", description="Low-rank adaptation for PyTorch models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__package__}.{name}").register(commands)
     return parser
 
 
+def _out_of_memory() -> tuple[type[BaseException], ...]:
+    """MemoryError, and torch's device out-of-memory error when torch is loaded (a RuntimeError subclass)."""
+    torch = sys.modules.get("torch")
+    found = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (MemoryError,) if found is None else (MemoryError, found)
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError from a user's path: the reason and the path(s), e.g. "permission denied: a.jsonl"."""
+    reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{reason[:1].lower()}{reason[1:]}: {' -> '.join(paths)}" if paths else reason
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit status (see EPILOG). A LorakitError is a user's bad input (2); an OSError
+    or running out of memory is a failure while running (1); any other exception is a bug and propagates."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -30,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a path the user gave that cannot be read or written (after LorakitError's OSErrors)
+        print(f"lorakit: error: {describe_os_error(err)}", file=sys.stderr)
+        return 1
+    except _out_of_memory() as err:
+        print(f"lorakit: error: out of memory ({type(err).__name__}): try a smaller --per-device-train-batch-size, "
+              f"--max-length or model, or --quantize nf4", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

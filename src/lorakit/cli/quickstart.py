@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import values
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
@@ -11,8 +13,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", default="runs/quickstart", help="output directory")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--steps", type=values.positive_int, default=300, help="training steps")
+    parser.add_argument("--seed", type=values.seed, default=0, help="random seed")
     parser.set_defaults(func=run)
 
 

@@ -20,6 +20,7 @@ from .options import (
     HEAD_NAMES,
     check_model_dir,
     checkpoint_dtype,
+    declared_vocab_size,
     normalize_task,
     one_line,
     parse_dtype,
@@ -34,7 +35,8 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     """The tokenizer of a model directory or model ID; pad_token = eos_token when it has none.
 
     Raises:
-        ModelDirError: no such directory / ID, no tokenizer files, or a tokenizer that fails to load.
+        ModelDirError: no such directory / ID, no tokenizer files, a tokenizer that fails to load, or one with
+            more tokens than config.json's vocab_size (ids the model cannot embed).
     """
     import transformers
 
@@ -43,6 +45,11 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - any failure becomes one clear line
         raise ModelDirError(f"model {name_or_path}: the tokenizer could not be loaded: {one_line(err)}") from err
+    declared = declared_vocab_size(directory)
+    if declared is not None and len(tokenizer) > declared:
+        raise ModelDirError(f"model {name_or_path}: the tokenizer has {len(tokenizer)} tokens but config.json's "
+                            f"vocab_size is {declared}: token ids >= {declared} have no embedding; resize the "
+                            f"model's embeddings (model.resize_token_embeddings(len(tokenizer))) and save it again")
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -93,22 +93,48 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return found
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")  # what `--device` may name (auto: cuda when available, else cpu)
+
+
+def parse_device_name(device: str | torch.device | None) -> torch.device | None:
+    """The torch.device a `--device` value names, checked for syntax only (None for None / "auto"); whether the
+    device exists on this machine is resolve_device's question.
+
+    Raises:
+        ConfigError: a string torch does not parse ("tpu"), or a device type lorakit does not run on ("meta").
+    """
+    if device is None or device == "auto":
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(f"unknown device {str(device)!r}; expected auto, {', '.join(DEVICE_TYPES)} or cuda:N") from err
+    if resolved.type not in DEVICE_TYPES:
+        raise ConfigError(f"device {str(device)!r} is not one lorakit runs on; expected auto, "
+                          f"{', '.join(DEVICE_TYPES)} or cuda:N")
+    return resolved
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """The device to run on: the given one, else CUDA when available, else the CPU.
 
     Raises:
-        ConfigError: a device string torch does not understand, or CUDA asked for on a machine without it.
+        ConfigError: a device string torch does not understand, or CUDA (or a CUDA index) asked for on a machine
+            without it, or MPS without MPS.
     """
-    if device is None or device == "auto":
+    resolved = parse_device_name(device)
+    if resolved is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"unknown device {device!r}: {err}") from err
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {str(device)!r} asked for, but this machine has {count} CUDA device(s) "
+                              f"(cuda:0 to cuda:{count - 1})")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but MPS is not available on this machine")
     return resolved
-
 
 
 def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
@@ -130,6 +156,15 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
             f"model directory {directory} has no tokenizer files ({' / '.join(TOKENIZER_FILES)})"
         )
     return directory
+
+
+def declared_vocab_size(directory: Path) -> int | None:
+    """config.json's top-level `vocab_size` of a model directory (None when absent, nested or unreadable)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        size = json.loads((Path(directory) / "config.json").read_text()).get("vocab_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return None
 
 
 def checkpoint_dtype(directory: Path) -> torch.dtype:

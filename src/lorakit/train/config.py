@@ -15,8 +15,10 @@ from typing import Any
 
 import yaml
 
+from ..checks import check_finite, check_seed
 from ..config import parse_target_spec
 from ..errors import ConfigError
+from ..loading.options import parse_device_name
 from .config_values import convert_fields, convert_value, load_yaml
 
 TASKS = ("auto", "causal-lm", "classification")
@@ -130,9 +132,26 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        self._validate_numbers()
         self._validate_adapter_method()
         self._validate_quantize()
         self._validate_callbacks()
+
+    def _validate_numbers(self) -> None:
+        """Every float option finite (an infinite learning rate or epoch count is a mistake, not a setting), the
+        seed in numpy's range, max_steps positive or -1 (train for `epochs`), the device one torch knows."""
+        for name, hint in field_types().items():
+            value = getattr(self, name)
+            if float in typing.get_args(hint) + (hint,) and isinstance(value, float):
+                check_finite(value, name)
+        check_seed(self.seed, "seed")
+        if self.max_steps != -1 and self.max_steps <= 0:
+            raise ConfigError(f"max_steps must be a positive number of optimizer steps, or -1 to train for "
+                              f"`epochs`; got {self.max_steps!r}")
+        try:
+            parse_device_name(self.device)
+        except ConfigError as err:
+            raise ConfigError(f"device: {err}") from err
 
     def _validate_callbacks(self) -> None:
         """report_to names known loggers; early stopping and load_best_at_end need periodic evaluation."""
@@ -202,9 +221,11 @@ class TrainConfig:
 def _read_yaml(path: str) -> dict[str, Any]:
     """A YAML run file's options, each converted to its field's type (see config_values)."""
     try:
-        data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+        data = load_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read config file {path}: {err}") from err
+    if data is None:  # an empty file (or only comments): the wrong file, most likely
+        raise ConfigError(f"config file {path} is empty; expected a mapping of option: value")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option: value; found {type(data).__name__}")
     return convert_fields(data, field_types(), f"config file {path}")

@@ -19,6 +19,7 @@ from ..errors import LorakitError
 from ..heap import tune_for_training
 from ..io.files import atomic_write
 from ..io.lock import directory_lock
+from ..loading import options
 from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig
@@ -29,9 +30,8 @@ HEAD_NAMES = ("classifier", "score")  # new classification heads: trained in ful
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """--device as a torch.device (auto: cuda when available); lorakit.loading.options.resolve_device's checks."""
+    return options.resolve_device(name)  # ConfigError (no CUDA, cuda:7 on one GPU) before anything is written
 
 
 def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
