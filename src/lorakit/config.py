@@ -12,11 +12,13 @@ import enum
 import functools
 import inspect
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .patterns import check_pattern
 from .peft_fields import ALIASES, BOOL_FIELDS, as_bool, peft_file_kwargs, to_lorakit_kwargs
 
 INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n>" (randomised SVD, n iterations)
@@ -24,6 +26,7 @@ INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 BIASES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "base")  # "base": the base weight's dtype
+MAX_DROPOUT = 0.99  # kept inputs are scaled by 1 / (1 - p): at most 100, finite in every dtype (fp16 too)
 
 # PEFT's `init_lora_weights` values <-> lorakit's `init`
 _INIT_TO_PEFT: dict[str, Any] = {"kaiming": True, "gaussian": "gaussian", "random": False}
@@ -59,7 +62,7 @@ class LoraConfig:
     r: int = 8  # rank of the update B A
     alpha: float = 8.0  # scaling numerator: s = alpha / r (PEFT: lora_alpha)
     target_modules: list[str] | str | None = None  # names / dotted suffixes, a full-match regex, or "all-linear"
-    dropout: float = 0.0  # dropout on the adapter's input, in [0, 1) (PEFT: lora_dropout)
+    dropout: float = 0.0  # dropout on the adapter's input, in [0, 0.99] (PEFT: lora_dropout)
     bias: str = "none"  # which biases train: "none" | "all" | "lora_only"
     use_rslora: bool = False  # rank-stabilised scaling s = alpha / sqrt(r)
     init: str = "kaiming"  # "kaiming" (PEFT default) | "gaussian" N(0, 1/r) | "pissa" | "pissa_niter_<n>" | "olora"
@@ -81,21 +84,24 @@ class LoraConfig:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         _check_alpha("alpha", self.alpha)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_dropout("LoraConfig.dropout", self.dropout)
         _check_choice("bias", self.bias, BIASES)
         if not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             _check_choice("init", self.init, INITS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         for key, rank in self.rank_pattern.items():
+            check_pattern("LoraConfig.rank_pattern key", key)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {rank!r}")
         for key, value in self.alpha_pattern.items():
+            check_pattern("LoraConfig.alpha_pattern key", key)
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            _check_regex("target_modules", self.target_modules)
+            check_pattern("LoraConfig.target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):
-            _check_regex("exclude_modules", self.exclude_modules)
+            check_pattern("LoraConfig.exclude_modules", self.exclude_modules)
+        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []:
+            check_pattern("LoraConfig.layers_pattern", pattern, max_loops=1)  # inside a 2-loop regex: see targeting
         if self.target_modules is not None and len(self.target_modules) == 0:
             raise ConfigError("LoraConfig.target_modules is empty: name at least one module, or use 'all-linear'")
         _check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
@@ -121,6 +127,11 @@ class LoraConfig:
             self.layers_to_transform = [layers]
         elif isinstance(layers, (list, tuple)):
             self.layers_to_transform = list(layers) or None  # PEFT: an empty list selects no layer subset
+        if isinstance(self.modules_to_save, str):  # one name, as PEFT's CLI users write it
+            self.modules_to_save = [self.modules_to_save]
+        if isinstance(self.base_model_name_or_path, os.PathLike):
+            self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
+        _check_types(self)
 
     # -- PEFT's names, read back -------------------------------------------------------------------------
     @property
@@ -302,8 +313,39 @@ def _check_layer_selection(target: Any, layers: list[int] | None, pattern: Any) 
                           f"in that layer list); without it every layer would be adapted")
 
 
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ConfigError(f"LoraConfig.{name} is not a valid regular expression ({err}): {pattern!r}") from err
+def check_dropout(name: str, value: Any) -> None:
+    """Dropout p in [0, MAX_DROPOUT]: the kept inputs are scaled by 1 / (1 - p), at most 100.
+
+    Raises:
+        ConfigError: not a number, NaN, negative, or above MAX_DROPOUT (1 - p near 0 would scale by ~inf).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_DROPOUT:
+        raise ConfigError(f"{name} must be a number in [0, {MAX_DROPOUT}] (kept inputs are scaled by 1 / (1 - p), "
+                          f"at most {1 / (1 - MAX_DROPOUT):.0f}), got {value!r}")
+
+
+def _check_types(config: LoraConfig) -> None:
+    """Module lists and names hold strings: a number, a mapping or nested lists is refused, naming the field.
+
+    Raises:
+        ConfigError: a field of the wrong type (the message names the field, the expected and the found type).
+    """
+    for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+        value = getattr(config, name)
+        if value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, list):
+            raise ConfigError(f"LoraConfig.{name} must be a string or a list of strings, found "
+                              f"{type(value).__name__} {value!r}")
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(f"LoraConfig.{name} must be a string or a list of strings, found "
+                                  f"{type(item).__name__} {item!r} in {value!r}")
+    for name in ("task_type", "base_model_name_or_path"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"LoraConfig.{name} must be a string or None, found {type(value).__name__} {value!r}")
+    for name in ("bias", "init", "adapter_dtype"):
+        value = getattr(config, name)
+        if not isinstance(value, str):
+            raise ConfigError(f"LoraConfig.{name} must be a string, found {type(value).__name__} {value!r}")

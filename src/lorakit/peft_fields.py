@@ -161,6 +161,6 @@ def peft_file_kwargs(data: dict[str, Any], fields: Collection[str], where: str) 
         if key in values and values[key] is None:
             values[key] = 0.0
     for key in ("rank_pattern", "alpha_pattern"):
-        if key in values:
-            values[key] = dict(values[key] or {})
+        if key in values and (values[key] is None or isinstance(values[key], dict)):
+            values[key] = dict(values[key] or {})  # anything else is refused by LoraConfig, naming the field
     return to_lorakit_kwargs(values, fields, where=where, strict=False)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..checks import check_finite, check_seed
-from ..config import parse_target_spec
+from ..config import check_dropout, parse_target_spec
 from ..errors import ConfigError
 from ..loading.options import parse_device_name
 from .config_values import convert_fields, convert_value, load_yaml
@@ -128,6 +128,7 @@ class TrainConfig:
         for name in ("eval_fraction", "lora_dropout", "warmup_ratio"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1); got {getattr(self, name)!r}")
+        check_dropout("lora_dropout", self.lora_dropout)  # at most MAX_DROPOUT: 1 / (1 - p) stays <= 100
         for name in ("logging_steps", "eval_steps", "save_steps", "diagnostics_steps", "warmup_steps",
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
