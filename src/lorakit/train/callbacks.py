@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, LorakitError
+from ..io.files import read_weights
 from . import diagnostics as diag
 from .precision import TrainingError
 
@@ -79,13 +81,52 @@ class Callback:
 
 
 class NanStop(Callback):
-    """Stop with TrainingError when a step's loss is not finite, before the optimizer applies it."""
+    """Stop with TrainingError when a step's loss is not finite, before the optimizer applies it. The message names
+    the newest checkpoint whose saved trainable tensors are all finite (weights can diverge a few steps before the
+    loss does, so the newest checkpoint is not trusted by its step number alone), or says there is none."""
 
     def on_pre_optimizer_step(self, trainer: Trainer, step: int, loss: float) -> None:
         if not math.isfinite(loss):
-            last = trainer.last_checkpoint
-            where = f"; the last good checkpoint is {last}" if last else ""
-            raise TrainingError(f"the loss became {loss} at step {step}: training stopped{where}")
+            candidates = run_checkpoints(trainer.out_dir, trainer.last_checkpoint)
+            good = newest_finite_checkpoint(candidates, trainer.saves)
+            if good is not None:
+                where = f"; the last good checkpoint is {good} (resume with --resume {good})"
+            elif candidates:
+                where = f"; none of the {len(candidates)} checkpoint(s) has finite weights: start again"
+            else:
+                where = "; no checkpoint was saved"
+            raise TrainingError(f"the loss became {loss} at step {step}: training stopped{where}. Try a lower "
+                                f"--learning-rate or --max-grad-norm")
+
+
+def run_checkpoints(out_dir: Path, last: Path | None = None) -> list[Path]:
+    """The run's complete checkpoints (out_dir/checkpoints/step-N), newest first, and `last` (a --resume
+    checkpoint, possibly elsewhere) among them by its step number."""
+    found = {p for p in (Path(out_dir) / "checkpoints").glob("step-*") if p.is_dir()}
+    if last is not None and Path(last).is_dir():
+        found.add(Path(last))
+    return sorted(found, key=lambda p: (p.name, str(p)), reverse=True)
+
+
+def tensors_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor holds only finite values (no NaN, no +-inf)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def newest_finite_checkpoint(checkpoints: list[Path], saves: str) -> Path | None:
+    """The first of `checkpoints` (newest first) whose trainable tensors (adapter/ for "lora", trainable.safetensors
+    for "full") can be read and are all finite; None when there is none."""
+    for checkpoint in checkpoints:
+        try:
+            if saves == "lora":
+                tensors = read_weights(checkpoint / "adapter")
+            else:
+                tensors = load_file(str(checkpoint / "trainable.safetensors"))
+        except (LorakitError, OSError, ValueError, RuntimeError):  # unreadable: not a checkpoint to resume from
+            continue
+        if tensors_finite(tensors):
+            return checkpoint
+    return None
 
 
 class Diagnostics(Callback):
