@@ -65,3 +65,15 @@ def test_the_stop_says_when_no_checkpoint_is_finite(tmp_path, causal_lm_dir):
     message = str(stopped.value)
     assert "loss became nan at step 3" in message
     assert "none of the 1 checkpoint(s) has finite weights" in message and "--resume" not in message
+
+
+def test_weights_that_diverge_in_the_last_step_are_not_saved(tmp_path, causal_lm_dir):
+    """No later loss sees the last step's update: the run checks the weights before the final save."""
+    cfg = _config(tmp_path, causal_lm_dir, "lora")
+    cfg.max_steps = 4
+    with pytest.raises(TrainingError) as stopped:
+        train(cfg, callbacks=[PoisonGradients(at=4)])
+    message = str(stopped.value)
+    assert "weights became non-finite at step 4" in message
+    assert f"{tmp_path / 'run' / 'checkpoints' / 'step-0000002'}" in message
+    assert not (tmp_path / "run" / "adapter").exists()  # no adapter of NaN weights

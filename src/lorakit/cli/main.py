@@ -31,11 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _out_of_memory() -> tuple[type[BaseException], ...]:
-    """MemoryError, and torch's device out-of-memory error when torch is loaded (a RuntimeError subclass)."""
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's CPU allocator raises a RuntimeError
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError, torch's device out-of-memory error, or torch's CPU allocator refusing an allocation."""
     torch = sys.modules.get("torch")
-    found = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    return (MemoryError,) if found is None else (MemoryError, found)
+    device_oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    return (isinstance(err, MemoryError) or (device_oom is not None and isinstance(err, device_oom))
+            or (isinstance(err, RuntimeError) and CPU_OUT_OF_MEMORY in str(err)))
 
 
 def describe_os_error(err: OSError) -> str:
@@ -60,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a path the user gave that cannot be read or written (after LorakitError's OSErrors)
         print(f"lorakit: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
-    except _out_of_memory() as err:
-        print(f"lorakit: error: out of memory ({type(err).__name__}): try a smaller --per-device-train-batch-size, "
+    except (MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise  # a bug: its traceback stays visible
+        detail = " ".join(str(err).split())[:200]
+        print(f"lorakit: error: out of memory ({detail}): try a smaller --r, --per-device-train-batch-size, "
               f"--max-length or model, or --quantize nf4", file=sys.stderr)
         return 1
 

@@ -87,16 +87,27 @@ class NanStop(Callback):
 
     def on_pre_optimizer_step(self, trainer: Trainer, step: int, loss: float) -> None:
         if not math.isfinite(loss):
-            candidates = run_checkpoints(trainer.out_dir, trainer.last_checkpoint)
-            good = newest_finite_checkpoint(candidates, trainer.saves)
-            if good is not None:
-                where = f"; the last good checkpoint is {good} (resume with --resume {good})"
-            elif candidates:
-                where = f"; none of the {len(candidates)} checkpoint(s) has finite weights: start again"
-            else:
-                where = "; no checkpoint was saved"
-            raise TrainingError(f"the loss became {loss} at step {step}: training stopped{where}. Try a lower "
-                                f"--learning-rate or --max-grad-norm")
+            raise TrainingError(f"the loss became {loss} at step {step}: training stopped{_resume_from(trainer)}. "
+                                f"Try a lower --learning-rate or --max-grad-norm")
+
+    def on_loop_end(self, trainer: Trainer, step: int) -> None:
+        """The last step's update is seen by no later loss: refuse to save weights that are not finite."""
+        bad = next((name for name, p in trainer.model.named_parameters()
+                    if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise TrainingError(f"the weights became non-finite at step {step} ({bad}): training stopped before "
+                                f"saving them{_resume_from(trainer)}. Try a lower --learning-rate or --max-grad-norm")
+
+
+def _resume_from(trainer: Trainer) -> str:
+    """The tail of a divergence message: the newest checkpoint with finite weights, or why there is none."""
+    candidates = run_checkpoints(trainer.out_dir, trainer.last_checkpoint)
+    good = newest_finite_checkpoint(candidates, trainer.saves)
+    if good is not None:
+        return f"; the last good checkpoint is {good} (resume with --resume {good})"
+    if candidates:
+        return f"; none of the {len(candidates)} checkpoint(s) has finite weights: start again"
+    return "; no checkpoint was saved"
 
 
 def run_checkpoints(out_dir: Path, last: Path | None = None) -> list[Path]:
