@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import LorakitError
@@ -45,6 +46,8 @@ def is_out_of_memory(err: BaseException) -> bool:
 def describe_os_error(err: OSError) -> str:
     """One line for an OSError from a user's path: the reason and the path(s), e.g. "permission denied: a.jsonl"."""
     reason = (err.strerror or str(err) or type(err).__name__).rstrip(".")
+    if isinstance(err, FileExistsError) and err.filename is not None and os.path.isfile(err.filename):
+        reason = "a file is where a directory was expected"  # mkdir(parents=True) under a file
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
     return f"{reason[:1].lower()}{reason[1:]}: {' -> '.join(paths)}" if paths else reason
 
