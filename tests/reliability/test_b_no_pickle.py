@@ -145,3 +145,12 @@ def test_train_resume_refuses_a_pickled_optimizer_state(causal_lm_dir: Path, tmp
     code, err = _cli([*run, "--max-steps", 3, "--resume", checkpoint], capsys)
     assert code in (1, 2) and "optimizer.pt" in err and "Traceback" not in err, err
     assert not marker.exists()
+
+
+def test_a_yaml_run_config_cannot_construct_objects(tmp_path: Path, marker: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"r: 4\nlora_alpha: !!python/object/apply:builtins.open ['{marker}', 'w']\n")
+    code, err = _cli(["train", "--config", config, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "Traceback" not in err and str(config) in err, err
+    assert not marker.exists()
