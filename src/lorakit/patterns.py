@@ -57,7 +57,10 @@ def check_pattern(field: str, pattern: Any, max_loops: int = MAX_LOOPS) -> None:
         parsed = sre_parse.parse(pattern)
     except (re.error, RecursionError, OverflowError) as err:
         raise ConfigError(f"{field} is not a valid regular expression ({err}): {pattern!r}") from err
-    loops = _loops(list(parsed), field, pattern)
+    try:
+        loops = _loops(list(parsed), field, pattern)
+    except RecursionError as err:
+        raise ConfigError(f"{field}: {pattern[:60]!r} nests groups too deeply") from err
     if loops > max_loops:
         raise ConfigError(f"{field}: {pattern!r} has {loops} repetitions one after the other (at most {max_loops} "
                           f"are allowed: matching time grows as the module path's length to that power){_HINT}")

@@ -20,7 +20,8 @@ from lorakit.patterns import MAX_LOOPS, MAX_PATTERN_LENGTH
 
 # each would take seconds to forever against a module path of 24+ characters
 CATASTROPHIC = [r"(a+)+b", r"(.*)*!", r"([a-z_.0-9]+)+!", r"(\w+\.?)*!", r"(ab|a)*c", r"(x\d?)+y",
-                "." + ".*" * (MAX_LOOPS + 1) + "!", r"(\w+)\1!", "a" * (MAX_PATTERN_LENGTH + 1)]
+                "." + ".*" * (MAX_LOOPS + 1) + "!", r"(\w+)\1!", "a" * (MAX_PATTERN_LENGTH + 1),
+                "(" * 990 + "a" + ")" * 990]  # the last: nesting deeper than Python's recursion limit
 # where a pattern can come from: the field as LoraConfig takes it, and the name the message uses
 FIELDS = {
     "target_modules": (lambda p: {"target_modules": p}, "target_modules"),
