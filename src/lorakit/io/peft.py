@@ -20,14 +20,15 @@ from torch import nn
 
 from .. import model as M
 from ..config import LoraConfig
-from ..errors import AdapterFileError, AdapterNameError, ShapeMismatchError
+from ..errors import AdapterFileError, AdapterNameError, ConfigError, ShapeMismatchError
 from ..layers import LoraLayer, SavedModule
+from ..names import check_adapter_name
 from ..targeting import is_target, iter_candidate_modules, output_head_names
-from . import residual, vllm
+from . import checks, residual, vllm
 from .files import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    atomic_write,
+    publish_files,
     read_config,
     read_weights,
     write_json,
@@ -111,14 +112,18 @@ def save_adapter(
     `state_dict` (keyed as `model.state_dict()`; transformers' Trainer passes the gathered one under FSDP /
     DeepSpeed) supplies the adapter's values where it holds them; default: the model's own tensors.
 
-    Atomic: a failure while writing leaves any adapter already in that directory intact.
-    Returns the directory written.
+    Atomic: the files are written into a temporary directory beside the target and swapped in with one rename
+    (io.publish), so a failure or a kill -9 at any instant leaves the old adapter or the new one, whole; other
+    entries of the directory (other adapters' sub-directories, a README) are kept. A second process saving into
+    the same `path` at the same time is refused (io.lock). Returns the directory written.
 
     Raises:
+        DirectoryLockedError: another live process is saving into `path` (the lock file and its pid are named).
         ConfigError: convert_to_lora=True for a PiSSA / OLoRA adapter that was loaded from an unconverted file
             (its initial factors are unknown); save it with convert_to_lora=False.
         AdapterNameError: no adapter `name` on the model.
     """
+    check_adapter_name(name, "save_adapter(name=...)")  # a name, never a path: nothing written outside `path`
     config = _file_targets(model, M.get_config(model, name), name)
     if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         config = config.replace(base_model_name_or_path=str(model.name_or_path))  # as PEFT fills it in
@@ -130,10 +135,10 @@ def save_adapter(
     metadata = {"format": "pt", "producer": "lorakit"}
     config, tensors, metadata = residual.prepare_save(model, name, config, tensors, metadata, convert_to_lora, PREFIX)
     config_dict = config.to_peft_dict()
-    atomic_write(directory, {
+    publish_files(directory, {  # one rename makes config + weights visible together; `path`'s lock held
         WEIGHTS_NAME: write_safetensors(tensors, metadata),
         CONFIG_NAME: write_json(config_dict),
-    })
+    }, lock=Path(path))
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     findings = vllm.silent_wrong(config_dict, shapes, metadata) if vllm_check else []
     if findings:
@@ -178,9 +183,12 @@ def load_adapter(
     Raises:
         AdapterFileError: missing or corrupt files, unknown peft_type, keys for modules the model lacks, or an
             unconverted PiSSA / OLoRA file on a model that does not hold its residual base.
-        ShapeMismatchError: a tensor whose shape does not fit the model (module, expected and found shape).
+        ShapeMismatchError: a tensor whose shape does not fit the model, or differs from the shape the config's
+            `r` / `rank_pattern` gives (module, field, expected and found shape): checked on the file's header
+            before anything is allocated. On any error the model is left as it was.
         AdapterNameError: `name` is already attached.
     """
+    check_adapter_name(name, "load_adapter(name=...)")  # before any file is read or the model changes
     directory = Path(path)
     if not (directory / CONFIG_NAME).is_file() and (directory / name / CONFIG_NAME).is_file():
         directory = directory / name
@@ -188,33 +196,37 @@ def load_adapter(
         config = LoraConfig.from_peft_dict(read_config(directory), where=str(directory / CONFIG_NAME))
     except AdapterFileError:
         raise
-    except Exception as err:  # ConfigError or a field of the wrong type
+    except ConfigError as err:  # the message already names the file
+        raise AdapterFileError(str(err)) from err
+    except Exception as err:  # a field of a type nothing checked
         raise AdapterFileError(f"{directory / CONFIG_NAME}: {err}") from err
-    tensors = read_weights(directory)
-    if name in M.adapter_names(model):
-        raise AdapterNameError(f"an adapter named {name!r} is already attached; load it under another name")
-    paths = _module_paths_in(list(tensors), directory)
-    known = {p for p, _ in iter_candidate_modules(model)}
-    missing = [p for p in paths if p not in known]
-    if missing:
-        raise AdapterFileError(
-            f"{directory}: the file has adapter weights for {len(missing)} module(s) this model does not have, "
-            f"e.g. {missing[0]!r}; was it trained on another model?"
-        )
-    if not paths:
-        raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
-    fingerprint = residual.check_load(model, config, directory, paths)  # PiSSA / OLoRA: the residual base?
-    previously_active = M.active_adapters(model)
-    M.attach_at(model, config, name, paths, init_from_base=False)
-    try:
+    with checks.unchanged_on_failure(model, name):  # a failed load leaves the model as it was
+        if name in M.adapter_names(model):
+            raise AdapterNameError(f"an adapter named {name!r} is already attached; load it under another name")
+        # shapes from the safetensors header, no tensor read yet (a legacy .bin is read whole, weights_only)
+        header = vllm.read_shapes(directory) if (directory / WEIGHTS_NAME).is_file() else None
+        tensors = read_weights(directory) if header is None else None
+        shapes = header[0] if header is not None else {k: tuple(v.shape) for k, v in tensors.items()}
+        paths = _module_paths_in(list(shapes), directory)
+        known = {p for p, _ in iter_candidate_modules(model)}
+        missing = [p for p in paths if p not in known]
+        if missing:
+            raise AdapterFileError(
+                f"{directory}: the file has adapter weights for {len(missing)} module(s) this model does not have, "
+                f"e.g. {missing[0]!r}; was it trained on another model?"
+            )
+        if not paths:
+            raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
+        checks.check_shapes(model, config, paths, shapes, directory)  # the config's ranks: before allocating
+        tensors = read_weights(directory) if tensors is None else tensors
+        fingerprint = residual.check_load(model, config, directory, paths)  # PiSSA / OLoRA: the residual base?
+        previously_active = M.active_adapters(model)
+        M.attach_at(model, config, name, paths, init_from_base=False)
         _copy_into(model, name, tensors, directory)
-    except Exception:
-        M.delete_adapter(model, name)
-        raise
-    residual.after_load(model, name, fingerprint)
-    M.set_trainable(model, name, trainable)
-    if previously_active:
-        M.set_active(model, previously_active)
+        residual.after_load(model, name, fingerprint)
+        M.set_trainable(model, name, trainable)
+        if previously_active:
+            M.set_active(model, previously_active)
     return model
 
 
