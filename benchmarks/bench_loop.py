@@ -107,7 +107,7 @@ def bench(s: Any, execute: Callable[..., None]) -> dict[str, Any]:
                         s, results)
         finally:
             _git("worktree", "remove", "--force", str(worktree), check=False)
-    return {"settings": {**asdict(sizes), "threads": s.threads, "base": base_rev, "head": head},
+    return {"settings": {**asdict(sizes), "threads": s.threads, "warmup": 0, "base": base_rev, "head": head},
             "results": results}
 
 

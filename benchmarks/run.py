@@ -340,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
         data[name] = RUNNERS[name](settings)
     elapsed = time.time() - started
     meta = environment.collect_meta(settings.threads, elapsed, settings.quick, load_start)
-    markdown = report.render(meta, data)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown)
     json_path = args.json or args.out.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "benchmarks": data}, indent=1))
+    json_path.write_text(json.dumps({"meta": meta, "benchmarks": data}, indent=1))  # first: a report bug loses nothing
+    markdown = report.render(meta, data)
+    args.out.write_text(markdown)
     print(markdown)
     _log(f"wrote {args.out} and {json_path} ({elapsed:.0f} s)")
     return 0

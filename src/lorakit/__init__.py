@@ -7,6 +7,7 @@ from .errors import (
     AdapterNameError,
     ConfigError,
     DataError,
+    DirectoryLockedError,
     LorakitError,
     MergeError,
     ModelDirError,
@@ -21,6 +22,7 @@ from .model import (
     active_adapters,
     adapter_names,
     attach,
+    check_merge,
     delete_adapter,
     disabled,
     get_config,
@@ -31,6 +33,7 @@ from .model import (
     trainable_parameters,
     unmerge,
 )
+from .names import check_adapter_name
 from .optim import loraplus_optimizer, loraplus_param_groups
 from .quant import NF4Linear, quantize
 from .quant.merge import LossyMergeWarning
@@ -58,4 +61,5 @@ __all__ = [
     "prepare_swap", "swap_adapter",
     "VllmWarning", "check_vllm",
     "tune_cpu_allocator",
+    "DirectoryLockedError", "check_adapter_name", "check_merge",
 ]

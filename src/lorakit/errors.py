@@ -11,7 +11,7 @@ class LorakitError(Exception):
 
 
 class ConfigError(LorakitError, ValueError):
-    """An invalid configuration value (r <= 0, alpha <= 0, dropout outside [0, 1), unknown init, ...)."""
+    """An invalid configuration value (r <= 0, alpha <= 0, dropout outside [0, 0.99], unknown init, ...)."""
 
 
 class TargetError(LorakitError, ValueError):
@@ -44,3 +44,7 @@ class DataError(LorakitError, ValueError):
 
 class ModelDirError(LorakitError, OSError):
     """A model directory that is missing, has no config.json or tokenizer, or cannot be loaded."""
+
+
+class DirectoryLockedError(LorakitError, OSError):
+    """Another live process (or another thread of this one) holds the lock of the directory being written."""

@@ -25,14 +25,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import LorakitError
+from ..errors import DirectoryLockedError
 
 LOCK_SUFFIX = ".lorakit-lock"
 UNREADABLE_GRACE_S = 10.0  # a lock file without readable content younger than this may still be being written
-
-
-class DirectoryLockedError(LorakitError, OSError):
-    """Another live process (or another thread of this one) holds the lock of the directory being written."""
 
 
 @dataclass(frozen=True)
