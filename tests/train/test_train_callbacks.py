@@ -173,7 +173,12 @@ def test_trainer_used_directly_on_a_model_with_an_adapter(tmp_path, causal_lm_di
     model = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
     lorakit.attach(model, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     recorder = Recorder()
-    result = Trainer(model, cfg, datasets.train, datasets.eval, callbacks=[recorder]).fit()
+    trainer = Trainer(model, cfg, datasets.train, datasets.eval, callbacks=[recorder])
+    from lorakit.train.hooks import RunState  # what callbacks are typed against: the Trainer has all of it
+
+    promised = set(RunState.__annotations__) | {n for n in vars(RunState) if not n.startswith("_")}
+    assert promised and not [n for n in promised if not hasattr(trainer, n)]
+    result = trainer.fit()
     assert result.steps == 5 and len(result.losses) == 5 and "eval_loss" in result.eval
     assert (result.saved_dir / "adapter_config.json").is_file()
     assert result.trainable < result.total and [e[0] for e in recorder.events][-1] == "end"

@@ -1,7 +1,7 @@
 """Callbacks of the Trainer: the hooks a run calls (Callback), and the built-in ones that log, stop on a
 non-finite loss, report adapter diagnostics, evaluate, checkpoint, stop early and keep the best adapter.
 
-Hooks, in the order of a run (every hook gets the Trainer first; all default to doing nothing):
+Hooks, in the order of a run (every hook gets the Trainer first, typed as hooks.RunState; all default to doing nothing):
 
     on_train_begin(trainer)
     per optimizer step:
@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,10 +34,8 @@ from safetensors.torch import load_file
 from ..errors import ConfigError, LorakitError
 from ..io.files import read_weights
 from . import diagnostics as diag
+from .hooks import RunState, TrainResult
 from .precision import TrainingError
-
-if TYPE_CHECKING:
-    from .trainer import Trainer, TrainResult
 
 
 @dataclass
@@ -54,21 +52,21 @@ class StepOutput:
 class Callback:
     """Base class: override the hooks you need. See the module docstring for order, stopping and metrics."""
 
-    def on_train_begin(self, trainer: Trainer) -> None: ...
+    def on_train_begin(self, trainer: RunState) -> None: ...
 
-    def on_pre_optimizer_step(self, trainer: Trainer, step: int, loss: float) -> None: ...
+    def on_pre_optimizer_step(self, trainer: RunState, step: int, loss: float) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> dict[str, Any] | None: ...
+    def on_step_end(self, trainer: RunState, out: StepOutput) -> dict[str, Any] | None: ...
 
-    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> dict[str, Any] | None: ...
+    def on_evaluate(self, trainer: RunState, step: int, metrics: dict[str, float]) -> dict[str, Any] | None: ...
 
-    def on_save(self, trainer: Trainer, step: int, path: Path) -> None: ...
+    def on_save(self, trainer: RunState, step: int, path: Path) -> None: ...
 
-    def on_loop_end(self, trainer: Trainer, step: int) -> None: ...
+    def on_loop_end(self, trainer: RunState, step: int) -> None: ...
 
-    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
+    def on_train_end(self, trainer: RunState, result: TrainResult) -> None: ...
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
+    def on_log(self, trainer: RunState, record: dict[str, Any]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         """State saved in each checkpoint (trainer_state.json, JSON values) and given back on resume."""
@@ -85,12 +83,12 @@ class NanStop(Callback):
     the newest checkpoint whose saved trainable tensors are all finite (weights can diverge a few steps before the
     loss does, so the newest checkpoint is not trusted by its step number alone), or says there is none."""
 
-    def on_pre_optimizer_step(self, trainer: Trainer, step: int, loss: float) -> None:
+    def on_pre_optimizer_step(self, trainer: RunState, step: int, loss: float) -> None:
         if not math.isfinite(loss):
             raise TrainingError(f"the loss became {loss} at step {step}: training stopped{_resume_from(trainer)}. "
                                 f"Try a lower --learning-rate or --max-grad-norm")
 
-    def on_loop_end(self, trainer: Trainer, step: int) -> None:
+    def on_loop_end(self, trainer: RunState, step: int) -> None:
         """The last step's update is seen by no later loss: refuse to save weights that are not finite."""
         bad = next((name for name, p in trainer.model.named_parameters()
                     if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all())), None)
@@ -99,7 +97,7 @@ class NanStop(Callback):
                                 f"saving them{_resume_from(trainer)}. Try a lower --learning-rate or --max-grad-norm")
 
 
-def _resume_from(trainer: Trainer) -> str:
+def _resume_from(trainer: RunState) -> str:
     """The tail of a divergence message: the newest checkpoint with finite weights, or why there is none."""
     candidates = run_checkpoints(trainer.out_dir, trainer.last_checkpoint)
     good = newest_finite_checkpoint(candidates, trainer.saves)
@@ -147,10 +145,10 @@ class Diagnostics(Callback):
         self.every = every
         self.w0_norms: dict[str, float] = {}
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: RunState) -> None:
         self.w0_norms = diag.weight_norms(trainer.model)
 
-    def on_pre_optimizer_step(self, trainer: Trainer, step: int, loss: float) -> None:
+    def on_pre_optimizer_step(self, trainer: RunState, step: int, loss: float) -> None:
         if not self.w0_norms or step % self.every:
             return
         layers = diag.layer_diagnostics(trainer.model, self.w0_norms)
@@ -172,20 +170,20 @@ class StepLog(Callback):
         self.tokens, self.started = 0, time.perf_counter()
         self.last: StepOutput | None = None
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: RunState) -> None:
         self._reset()
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer: RunState, out: StepOutput) -> None:
         self.losses.append(out.loss)
         self.tokens += out.tokens
         self.last = out
         if out.step % self.every == 0 or out.step == trainer.total_steps:
             self.flush(trainer)
 
-    def on_loop_end(self, trainer: Trainer, step: int) -> None:
+    def on_loop_end(self, trainer: RunState, step: int) -> None:
         self.flush(trainer)  # a stopped run: the steps since the last record
 
-    def flush(self, trainer: Trainer) -> None:
+    def flush(self, trainer: RunState) -> None:
         if not self.losses or self.last is None:
             return
         seconds = time.perf_counter() - self.started
@@ -207,7 +205,7 @@ class Evaluation(Callback):
     def __init__(self, every: int) -> None:
         self.every = every
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer: RunState, out: StepOutput) -> None:
         if out.step % self.every == 0 and out.step != trainer.total_steps:
             trainer.run_evaluation(out.step)
 
@@ -218,7 +216,7 @@ class Checkpointing(Callback):
     def __init__(self, every: int) -> None:
         self.every = every
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer: RunState, out: StepOutput) -> None:
         if out.step % self.every == 0:
             trainer.save_checkpoint(out.step)
 
@@ -249,7 +247,7 @@ class BestMetric(Callback):
         self.weights: dict[str, torch.Tensor] | None = None
         self.best_checkpoint: str | None = None  # the checkpoint written at best_step, if any
 
-    def on_evaluate(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+    def on_evaluate(self, trainer: RunState, step: int, metrics: dict[str, float]) -> None:
         if trainer.evaluating_final:
             return  # the final evaluation decides nothing
         if self.metric not in metrics:
@@ -267,17 +265,17 @@ class BestMetric(Callback):
             trainer.message(f"early stopping at step {step}: {self.metric} has not improved on "
                             f"{self.best:.4f} (step {self.best_step}) for {self.bad} evaluations")
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: RunState) -> None:
         if self.load_best and self.best_checkpoint:  # resumed
             trainer.keep_checkpoint = Path(self.best_checkpoint)
 
-    def on_save(self, trainer: Trainer, step: int, path: Path) -> None:
+    def on_save(self, trainer: RunState, step: int, path: Path) -> None:
         if step == self.best_step:
             self.best_checkpoint = str(path)
             if self.load_best:
                 trainer.keep_checkpoint = path  # pruning leaves it
 
-    def on_loop_end(self, trainer: Trainer, step: int) -> None:
+    def on_loop_end(self, trainer: RunState, step: int) -> None:
         if not self.load_best or self.best_step is None or self.best_step == step:
             return
         if self.weights is not None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from .callbacks import Callback, StepOutput
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from .hooks import RunState
 
 
 def duration(seconds: float) -> str:
@@ -39,7 +37,7 @@ class Progress(Callback):
         self.total = self.start_step = 0
         self.tokens, self.started = 0, time.perf_counter()
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: RunState) -> None:
         self.total, self.start_step = trainer.total_steps, trainer.start_step
         self.tokens, self.started = 0, time.perf_counter()
         if self.use_bar:
@@ -48,7 +46,7 @@ class Progress(Callback):
             self.bar = tqdm(total=self.total, initial=self.start_step, file=self.stream, dynamic_ncols=True,
                             unit="step", leave=True)
 
-    def on_step_end(self, trainer: Trainer, out: StepOutput) -> None:
+    def on_step_end(self, trainer: RunState, out: StepOutput) -> None:
         self.tokens += out.tokens
         if self.bar is None:
             return
@@ -57,7 +55,7 @@ class Progress(Callback):
         self.bar.set_postfix_str(f"loss {out.loss:.4f}  lr {out.lr:.2e}  {rate} tok/s", refresh=False)
         self.bar.update(1)
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: RunState, record: dict[str, Any]) -> None:
         if self.bar is not None or "loss" not in record:
             return
         step = record["step"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,26 +36,11 @@ from .callbacks import (
     StepOutput,
 )
 from .config import TrainConfig
+from .hooks import TrainResult
 from .loggers import make_loggers
 from .precision import TrainingError, autocast_context
 from .progress import Progress
 from .schedule import lr_factor
-
-
-@dataclass
-class TrainResult:
-    """What a run produced."""
-
-    out_dir: Path
-    saved_dir: Path  # the adapter (lora) or the model (full)
-    steps: int  # the last optimizer step done (fewer than planned when a callback stopped the run)
-    losses: list[float] = field(default_factory=list)  # training loss of every optimizer step
-    eval: dict[str, float] = field(default_factory=dict)  # final evaluation
-    trainable: int = 0
-    total: int = 0
-    seconds: float = 0.0
-    task: str = "causal-lm"
-    stopped_early: bool = False  # a callback set trainer.should_stop
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
