@@ -100,3 +100,21 @@ def test_quick_demo_trains_both_and_writes_table_and_adapter(tmp_path, monkeypat
     assert len(lines) == 3 and json.loads(lines[-1])["summary"]["quick"] is True
     assert "LoRA r=8" in capsys.readouterr().out
     assert result["summary"]["total_seconds"] < 60
+
+
+def test_the_demo_takes_the_device_and_refuses_flags_it_would_ignore(tmp_path, capsys):
+    from lorakit.cli.main import main
+    from lorakit.demo.compare import QUICK, train_config
+
+    assert train_config("lora", QUICK, 0, tmp_path).device == "auto"
+    from dataclasses import replace
+
+    assert train_config("full", replace(QUICK, device="cpu"), 0, tmp_path).device == "cpu"
+    run = tmp_path / "run.yaml"
+    run.write_text("seed: 3\n")
+    for argv, named in ((["--config", str(run)], "--config"), (["--lora-dropout", "0.2"], "--lora-dropout"),
+                        (["--device", "cuda:99"], "cuda:99")):
+        assert main(["train", "--quick", "--out", str(tmp_path / "out"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -68,6 +68,8 @@ ROWS = [
     ("train-device-tpu", TRAIN + " --device tpu", 2, "'tpu'"),
     ("train-device-cuda7", TRAIN + " --device cuda:7", 2, "'cuda:7'"),
     ("train-device-meta", TRAIN + " --device meta", 2, "'meta'"),
+    ("train-demo-device-missing", "train --quick --device cuda:99 --out {out}", 2, "'cuda:99'"),
+    ("train-demo-flag-it-would-ignore", "train --quick --lr 0.1 --out {out}", 2, "--learning-rate"),
     ("train-seed-negative", TRAIN + " --seed -1", 2, "seed"),
     ("train-seed-2**64", TRAIN + f" --seed {HUGE}", 2, "seed"),
     ("train-seed-text", TRAIN + " --seed abc", 2, "--seed"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from typing import Any
 
 from ..config import parse_target_spec
@@ -116,14 +117,32 @@ def run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = rundir.train_config(args.config, overrides)  # resuming: the checkpoint's own configuration first
     if cfg.model is None and cfg.data is None:
-        from ..demo.compare import run_demo
-
-        run_demo(out_dir=cfg.out if "out" in overrides else "runs/demo", seed=cfg.seed, quick=args.quick)
-        return 0
+        return _run_demo(cfg, overrides, args)
     if cfg.model is None or cfg.data is None:
         missing = "--model" if cfg.model is None else "--data"
         raise ConfigError(f"{missing} is required when the other is given (give neither for the embedded demo)")
     from ..train.loop import train
 
     train(cfg)
+    return 0
+
+
+DEMO_FLAGS = ("out", "seed", "device")  # what the embedded demo takes besides --quick; it fixes everything else
+
+
+def _run_demo(cfg: TrainConfig, overrides: dict[str, object], args: argparse.Namespace) -> int:
+    """The embedded demo (no --model, no --data). A training flag it would ignore is refused, not dropped."""
+    ignored = sorted(name for name in overrides if name not in DEMO_FLAGS)
+    if ignored or args.config:
+        given = ", ".join(["--config"] * bool(args.config) + [f"--{n.replace('_', '-')}" for n in ignored])
+        raise ConfigError(f"the embedded demo (no --model and no --data) takes only --out, --seed, --device and "
+                          f"--quick; {given} would be ignored: give --model and --data to train your own run")
+    from ..loading.options import resolve_device
+
+    resolve_device(cfg.device)  # a device that is not there: an error before anything is written
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this process is the CLI's own: MiniLM is local, never fetched
+    from ..demo.compare import run_demo
+
+    run_demo(out_dir=cfg.out if "out" in overrides else "runs/demo", seed=cfg.seed, quick=args.quick,
+             device=cfg.device)
     return 0

@@ -11,11 +11,10 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,7 @@ class DemoSettings:
     # full fine-tuning
     full_learning_rate: float = 1e-4
     full_epochs: float = 4.0
+    device: str = "auto"  # lorakit train's --device: auto (CUDA when there is one) | cpu | cuda | cuda:N
 
     def for_method(self, method: str) -> tuple[float, float]:
         """(learning rate, epochs) of a run."""
@@ -156,7 +156,7 @@ def train_config(method: str, s: DemoSettings, seed: int, out: Path, steps_hint:
         target_modules=list(s.target_modules), learning_rate=learning_rate, epochs=epochs,
         per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size,
         warmup_ratio=s.warmup_ratio, lr_scheduler_type=s.lr_scheduler_type, weight_decay=s.weight_decay,
-        max_grad_norm=s.max_grad_norm, seed=seed, logging_steps=max(10, steps_hint // 8),
+        max_grad_norm=s.max_grad_norm, seed=seed, logging_steps=max(10, steps_hint // 8), device=s.device,
     )
 
 
@@ -243,15 +243,17 @@ def _where() -> str:
 
 # -- the demo ---------------------------------------------------------------------------------------------
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             settings: DemoSettings | None = None, log: Any = print) -> dict[str, Any]:
+             settings: DemoSettings | None = None, log: Any = print, device: str | None = None) -> dict[str, Any]:
     """Build the docstring task, fine-tune MiniLM with LoRA then fully, print and save the comparison.
 
     Writes into `out_dir`: lora/ and full/ (each run's `lorakit train` output: lora/adapter/ in PEFT format,
     full/model/ from save_pretrained, their train_config.yaml and metrics.jsonl), metrics.jsonl (one line per
-    run, then a summary line) and table.md. Returns the numbers (and the table as text).
+    run, then a summary line) and table.md. Returns the numbers (and the table as text). `device` (lorakit
+    train's --device) overrides the settings' device.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     s = settings or (QUICK if quick else DemoSettings())
+    if device is not None:
+        s = replace(s, device=device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
