@@ -34,6 +34,8 @@ from .callbacks import (
     NanStop,
     StepLog,
     StepOutput,
+    newest_finite_checkpoint,
+    run_checkpoints,
 )
 from .config import TrainConfig
 from .hooks import TrainResult
@@ -328,8 +330,8 @@ class Trainer:
         else:
             self._skipped += 1
             if precision.scale_collapsed(self.scaler.get_scale()):
-                raise TrainingError(precision.collapse_message(step, self.scaler.get_scale(), self._skipped,
-                                                               self.last_checkpoint))
+                good = newest_finite_checkpoint(run_checkpoints(self.out_dir, self.last_checkpoint), self.saves)
+                raise TrainingError(precision.collapse_message(step, self.scaler.get_scale(), self._skipped, good))
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(step_loss)
         out = StepOutput(step=step, loss=step_loss, lr=cfg.learning_rate * self.schedule(self.scheduler.last_epoch),
