@@ -1,0 +1,49 @@
+"""Helpers for engineer F's distributed tests: launch a script under real torchrun (gloo, CPU) with a free port
+and a timeout, and the deterministic data every rank and the single-process reference share."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 64  # as tests/conftest.py
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (bound to port 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 90.0) -> subprocess.CompletedProcess:
+    """Run tests/distributed/<script> on `nproc` CPU processes; fail (with the output) on error or timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / script), *args,
+    ]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"torchrun {script} did not finish in {timeout} s:\n{err.stdout}\n{err.stderr}") from err
+    assert proc.returncode == 0, f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def global_batch(step: int, batch: int, length: int = 8) -> torch.Tensor:
+    """The whole batch of `step` (all ranks together); rank r takes rows [r*b, (r+1)*b)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (batch, length), generator=gen)
+
+
+def rank_rows(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank `rank`'s equal share of a global batch."""
+    per = ids.shape[0] // world
+    return ids[rank * per:(rank + 1) * per]
