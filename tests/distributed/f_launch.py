@@ -47,3 +47,14 @@ def rank_rows(ids: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """Rank `rank`'s equal share of a global batch."""
     per = ids.shape[0] // world
     return ids[rank * per:(rank + 1) * per]
+
+
+PER_RANK = 2  # rows per rank per step
+LR = 1e-2
+
+
+def f_lora_config():
+    """The adapter every F test trains: rank 4 on every linear layer, no dropout (runs compare exactly)."""
+    import lorakit
+
+    return lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0)
