@@ -39,6 +39,8 @@ TRAJECTORY_FIELDS = (
 
 TMP_PREFIX = ".tmp-"  # temporary directories: being written, or being deleted
 HORIZON_FIELDS = ("max_steps", "epochs")  # may change on resume: a run may continue for longer
+# may change on resume when their product with the number of processes (the global batch) does not
+SPLIT_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps")
 
 
 class ResumeError(ConfigError):
@@ -70,9 +72,9 @@ def save_checkpoint(
     optimizer.pt holds the optimizer, the scheduler, the RNG states and the loss scaler's state (scale and
     growth tracker; empty when loss scaling is off).
     """
-    parent = root / "checkpoints"
+    final = step_dir(root, step)
+    parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    final = parent / f"step-{step:07d}"
     # the run's out directory is locked by the caller (loop.train / Trainer.fit): no lock of its own
     with publishing(final, carry=False, lock=False) as tmp:
         if method == "lora":
@@ -90,6 +92,11 @@ def save_checkpoint(
         if protect is None or old != Path(protect):
             remove_by_renaming(old)
     return final
+
+
+def step_dir(root: Path, step: int) -> Path:
+    """Where checkpoint `step` of the run in `root` lives: root/checkpoints/step-NNNNNNN."""
+    return Path(root) / "checkpoints" / f"step-{step:07d}"
 
 
 def remove_by_renaming(path: Path, parent: Path | None = None) -> None:
@@ -134,18 +141,26 @@ def read_checkpoint_state(directory: str | Path) -> dict[str, Any]:
     return state
 
 
-def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
+def global_batch(config: dict[str, Any], world_size: int) -> int:
+    """Examples per optimizer step over all processes: per-device batch x accumulation steps x processes."""
+    return config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] * world_size
+
+
+def read_state(directory: Path, config: dict[str, Any], world_size: int = 1) -> dict[str, Any]:
     """The trainer state of checkpoint `directory`, after checking it belongs to this run. The horizon
-    (max_steps, epochs) may differ: a resumed run may train for longer (see rundir.schedule_horizon).
+    (max_steps, epochs) may differ: a resumed run may train for longer (see rundir.schedule_horizon). So may
+    the number of processes, the per-device batch and the accumulation steps, as long as the global batch
+    (their product) is the checkpoint's: the data position is the global step, which then names the same examples.
 
     Raises:
         ResumeError: not a lorakit checkpoint (foreign, corrupt JSON, no global_step), or a trajectory setting
-            differs (the message names it, with both values).
+            differs (the message names it, with both values), or the global batch does (with what gives it back).
     """
     state = read_checkpoint_state(directory)
     saved = state["config"]
+    _check_global_batch(directory, saved, state.get("world_size", 1), config, world_size)
     for name in TRAJECTORY_FIELDS:
-        if name in HORIZON_FIELDS:
+        if name in HORIZON_FIELDS or name in SPLIT_FIELDS:
             continue
         if name in saved and saved[name] != config.get(name):
             raise ResumeError(
@@ -157,6 +172,23 @@ def read_state(directory: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise ResumeError(f"--resume {directory}: max_steps {max_steps} ends before the checkpoint's step "
                           f"{state['global_step']}; give a larger --max-steps")
     return state
+
+
+def _check_global_batch(directory: Path, saved: dict[str, Any], saved_world: int, config: dict[str, Any],
+                        world_size: int) -> None:
+    if not all(name in saved for name in SPLIT_FIELDS):
+        return
+    before, now = global_batch(saved, saved_world), global_batch(config, world_size)
+    if before == now:
+        return
+    per_device = before // (config["gradient_accumulation_steps"] * world_size)
+    hint = (f"; on {world_size} process(es) give --per-device-train-batch-size {per_device}"
+            if per_device * config["gradient_accumulation_steps"] * world_size == before else "")
+    raise ResumeError(
+        f"--resume {directory} does not match this run: the global batch (per-device batch x accumulation steps x "
+        f"processes) was {before} there ({saved['per_device_train_batch_size']} x "
+        f"{saved['gradient_accumulation_steps']} x {saved_world}), {now} now "
+        f"({config['per_device_train_batch_size']} x {config['gradient_accumulation_steps']} x {world_size}){hint}")
 
 
 def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,

@@ -100,7 +100,9 @@ class TrainConfig:
     diagnostics_steps: int = 50  # adapter diagnostics every N steps (0: off)
     resume: str | None = None  # checkpoint directory to continue from; latest (bare --resume): newest in --out
     overwrite: bool = False  # replace the run already in --out (otherwise a used --out is refused)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto / cuda mean cuda:LOCAL_RANK)
+    ddp_timeout: float = 1800.0  # under torchrun: seconds a process waits for the others before the run fails
+    fsdp: bool = False  # under torchrun: shard the frozen base with FSDP2 instead of a whole copy per process
     progress: bool = True  # progress bar on a terminal
     report_to: str = "jsonl"  # loggers, comma-separated: jsonl (always written), tensorboard, wandb
     early_stopping_patience: int = 0  # stop after N evaluations without improvement (0: off; needs eval_steps)
@@ -121,7 +123,8 @@ class TrainConfig:
         if isinstance(self.target_modules, str):  # as on the command line: "mlp.down_proj" is a suffix
             self.target_modules = parse_target_spec(self.target_modules)
         positive = ("r", "lora_alpha", "learning_rate", "max_length", "per_device_train_batch_size",
-                    "per_device_eval_batch_size", "gradient_accumulation_steps", "epochs", "save_total_limit")
+                    "per_device_eval_batch_size", "gradient_accumulation_steps", "epochs", "save_total_limit",
+                    "ddp_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0; got {getattr(self, name)!r}")

@@ -7,6 +7,7 @@ Seeds are set here, before the adapter's init, so one seed fixes init, data orde
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .. import model as M
 from ..config import LoraConfig
+from ..distributed.env import Dist, process_group
 from ..errors import LorakitError
 from ..heap import tune_for_training
 from ..io.files import atomic_write
@@ -24,7 +26,7 @@ from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig
 from .precision import TrainingError
-from .trainer import Batches, Trainer, TrainResult, build_optimizer, evaluate
+from .trainer import Batches, Trainer, TrainResult, build_optimizer, check_fsdp, evaluate
 
 HEAD_NAMES = ("classifier", "score")  # new classification heads: trained in full (modules_to_save), as PEFT does
 
@@ -103,16 +105,28 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         a --resume directory from another run, a NaN/inf loss or a collapsed fp16 loss scale (TrainingError;
         the last good checkpoint is kept and named).
         DirectoryLockedError: another live process is training into (or writing) --out.
+        DistributedError: under torchrun, another process of the run failed or did not answer within ddp_timeout.
     """
-    from . import data as D
-
     loggers.check_available(cfg.report_to)  # before anything is written
+    check_fsdp(cfg)
     tune_for_training(cfg.device)  # CPU: freed step memory stays in the process (LORAKIT_KEEP_HEAP=0: off)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    resume_dir = rundir.resolve_resume(cfg)  # a bare --resume: the newest checkpoint in --out
-    rundir.check_out_dir(cfg, resume_dir)  # another run's --out is refused before anything is written
+    # under torchrun: a process group for the run (destroyed at its end, also on an error); else one process
+    with process_group(cfg.device, cfg.ddp_timeout) as dist:
+        return _train_on(dist, cfg, model, tokenizer, train_records, eval_records, callbacks)
+
+
+def _train_on(dist: Dist, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any,
+              train_records: list[dict] | None, eval_records: list[dict] | None,
+              callbacks: list[Callback] | None) -> TrainResult:
+    """train() in its process group: rank 0 checks and locks --out (every rank fails alike), all load and fit."""
+    from . import data as D
+
+    device = dist.device
+    # a bare --resume: the newest checkpoint in --out; another run's --out is refused before anything is written
+    resume_dir = dist.on_main(lambda: rundir.resolve_resume(cfg), share=True)
+    dist.on_main(lambda: rundir.check_out_dir(cfg, resume_dir))
 
     if tokenizer is None or model is None:
         if cfg.model is None:
@@ -121,18 +135,24 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
         tokenizer = load_tokenizer(cfg.model)
     datasets = D.load_datasets(cfg, tokenizer, records=train_records, eval_records=eval_records)
-    # --out is locked from here to the end of the run (io.lock): a second run into it is refused, by name
-    with directory_lock(cfg.out, purpose="lorakit train"):
-        return _train_into_out(cfg, model, tokenizer, datasets, callbacks, resume_dir, device)
+    # --out is locked (by rank 0) from here to the end of the run (io.lock): a second run into it is refused, by name
+    with ExitStack() as lock:
+        dist.on_main(lambda: lock.enter_context(directory_lock(cfg.out, purpose="lorakit train")))
+        return _train_into_out(cfg, model, tokenizer, datasets, callbacks, resume_dir, device, dist)
 
 
-def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, datasets: Any,
-                    callbacks: list[Callback] | None, resume_dir: Path | None, device: torch.device) -> TrainResult:
-    """train() once the data is loaded and --out is locked: prepare --out, load the model, attach, fit."""
-    task = datasets.task
+def _prepare_out(cfg: TrainConfig, resume_dir: Path | None) -> None:
     out_dir = rundir.prepare_out_dir(cfg, resume_dir)  # only once the data is good: bad data writes nothing
     resolved = cfg.to_yaml()
     atomic_write(out_dir, {"train_config.yaml": lambda path: path.write_text(resolved)})
+
+
+def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, datasets: Any,
+                    callbacks: list[Callback] | None, resume_dir: Path | None, device: torch.device,
+                    dist: Dist) -> TrainResult:
+    """train() once the data is loaded and --out is locked: prepare --out, load the model, attach, fit."""
+    task = datasets.task
+    dist.on_main(lambda: _prepare_out(cfg, resume_dir))
     residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
     # QLoRA from a checkpoint: quantised while it is read (no full-precision copy); QPiSSA needs the exact W0 first
     streamed = bool(cfg.quantize) and model is None and not residual_init
@@ -162,14 +182,20 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
         print(f"lorakit: warning: {warning}")
 
     trainer = Trainer(model, cfg, datasets.train, datasets.eval, callbacks, collate=datasets.collate, task=task,
-                      tokenizer=tokenizer, optimizer=build_optimizer(model, cfg), device=device)
+                      tokenizer=tokenizer, optimizer=build_optimizer(model, cfg), device=device, dist=dist)
     if cfg.resume:
         trainer.resume(resume_dir)
     trainer.message(f"lorakit train: {task}, {len(datasets.train)} examples, {trainer.total_steps} steps, "
                     f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
                     f"device {device}, base {_dtype_name(model)}, mixed precision {cfg.mixed_precision}"
-                    + (", loss scaling on" if trainer.scaler.is_enabled() else ""))
+                    + (", loss scaling on" if trainer.scaler.is_enabled() else "")
+                    + (f", {dist.world_size} processes (DDP, global batch {_global_batch(cfg, dist)})"
+                       if dist.active else ""))
     return trainer.fit()
+
+
+def _global_batch(cfg: TrainConfig, dist: Dist) -> int:
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size
 
 
 def _dtype_name(model: nn.Module) -> str:

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..distributed.env import launch_env
 from ..errors import ConfigError
 from ..io.publish import sweep_leftovers
 from . import checkpoint as ckpt
@@ -87,7 +88,8 @@ def resume_config(checkpoint: str | Path, overrides: dict[str, Any]) -> TrainCon
         cfg = TrainConfig(**values)
     except TypeError as err:
         raise ConfigError(f"--resume {checkpoint}: invalid training option: {err}") from err
-    ckpt.read_state(checkpoint, cfg.to_dict())  # the trajectory's settings unchanged; the horizon past the step
+    # the trajectory's settings unchanged (the global batch over this launch's processes); the horizon past the step
+    ckpt.read_state(checkpoint, cfg.to_dict(), launch_env().world_size)
     return cfg
 
 

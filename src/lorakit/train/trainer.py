@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ import torch
 from torch import nn
 
 from .. import model as M
+from ..distributed.ddp import sync_context, wrap_ddp
+from ..distributed.env import Dist
+from ..distributed.sampler import epoch_order, micro_batches_per_epoch, shard_positions
 from ..errors import ConfigError
 from ..heap import tune_for_training
 from ..io import save_adapter
@@ -55,20 +59,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 class Batches:
-    """Micro-batch `m` of the run: epoch m // per_epoch, drawn from a permutation seeded by (seed, epoch)."""
+    """Micro-batch `m` of the run: epoch m // per_epoch, drawn from a permutation seeded by (seed, epoch); on
+    `world_size` processes, rank `rank`'s share of global micro-batch m (distributed.sampler)."""
 
-    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Any) -> None:
+    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Any, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
-        self.per_epoch = math.ceil(len(examples) / batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = micro_batches_per_epoch(len(examples), batch_size, world_size)
         self._order: tuple[int, torch.Tensor] | None = None
 
     def __call__(self, m: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(m, self.per_epoch)
         if self._order is None or self._order[0] != epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(len(self.examples), generator=gen))
-        index = self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
-        return self.collate([self.examples[i] for i in index.tolist()])
+            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
+        positions = shard_positions(j, self.batch_size, len(self.examples), self.rank, self.world_size)
+        return self.collate([self.examples[i] for i in self._order[1][positions].tolist()])
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -111,6 +117,18 @@ def default_collate(task: str, model: nn.Module) -> Callable[[list[Any]], dict[s
     return lambda batch: fn(batch, pad_id)
 
 
+def check_fsdp(cfg: TrainConfig) -> None:
+    """Refuse --fsdp, which `lorakit train` does not do yet.
+
+    Raises:
+        ConfigError: cfg.fsdp is on.
+    """
+    if cfg.fsdp:
+        raise ConfigError("fsdp: `lorakit train --fsdp` is not available yet (its checkpoints would need sharded "
+                          "optimizer states); drop --fsdp to train with DistributedDataParallel, or shard the base "
+                          "in your own loop with lorakit.distributed.fsdp.shard_model")
+
+
 class Trainer:
     """Train `model`'s trainable parameters (an attached adapter, or all of them for full fine-tuning) on
     tokenised examples, as `config` describes; `fit()` runs, calls the callbacks and returns a TrainResult.
@@ -129,17 +147,20 @@ class Trainer:
         task: "causal-lm" or "classification" (evaluation metrics).
         tokenizer: saved next to a fully fine-tuned model.
         optimizer: default: AdamW (LoRA+ groups with loraplus_ratio).
+        dist: the run's processes (lorakit.distributed.process_group); default: this process alone. With several,
+            the model trains in DistributedDataParallel and rank 0 alone writes files and prints.
 
     Raises:
         ConfigError: early stopping or load_best_at_end without validation data; report_to naming a missing
-            package; no trainable parameter.
+            package; no trainable parameter; fsdp (not available in this Trainer yet).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[Any], eval_data: list[Any] | None = None,
                  callbacks: list[Callback] | None = None, *, collate: Callable | None = None,
                  task: str = "causal-lm", tokenizer: Any = None, optimizer: torch.optim.Optimizer | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, dist: Dist | None = None) -> None:
         cfg = self.config = config
+        check_fsdp(cfg)
         self.model, self.task, self.tokenizer = model, task, tokenizer
         self.train_data, self.eval_data = list(train_data), list(eval_data or [])
         self.collate = collate or default_collate(task, model)
@@ -153,7 +174,9 @@ class Trainer:
                               "or eval_fraction > 0 (found none)")
         self.saves = "full" if cfg.method == "full" else "lora"  # checkpoints hold the whole model or the adapter
         self.saves_name = "model" if self.saves == "full" else "adapter"
-        self.batches = Batches(self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.collate)
+        self.dist = dist or Dist.single(self.device)
+        self.batches = Batches(self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.collate,
+                               self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = math.ceil(self.batches.per_epoch / cfg.gradient_accumulation_steps)
         warmup, self.total_steps = rundir.schedule_horizon(cfg, None, self.steps_per_epoch)
         self.optimizer = optimizer or build_optimizer(model, cfg)
@@ -168,6 +191,7 @@ class Trainer:
         self._extra: dict[str, Any] = {}
         self.progress = Progress(bar=cfg.progress)
         self.callbacks = self._default_callbacks(callbacks or [])
+        self.train_model = wrap_ddp(model, self.dist)  # what forward runs through (DDP: gradients all-reduced)
 
     def _default_callbacks(self, user: list[Callback]) -> list[Callback]:
         cfg = self.config
@@ -181,7 +205,7 @@ class Trainer:
             post.append(BestMetric(cfg.metric_for_best_model, cfg.early_stopping_patience, cfg.load_best_at_end))
         if cfg.save_steps:
             post.append(Checkpointing(cfg.save_steps))
-        return [*pre, *user, *post, self.progress]
+        return [*pre, *user, *post] + [self.progress] * self.dist.is_main
 
     # -- what callbacks call ------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -190,8 +214,9 @@ class Trainer:
             callback.on_log(self, record)
 
     def message(self, text: str) -> None:
-        """A line for the user, written above the progress bar."""
-        self.progress.write(text)
+        """A line for the user, written above the progress bar (by rank 0 only)."""
+        if self.dist.is_main:
+            self.progress.write(text)
 
     def pop_extra_metrics(self) -> dict[str, Any]:
         """The metrics callbacks returned from on_step_end since the last step record."""
@@ -212,12 +237,13 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write checkpoint `step` (train/checkpoint.py) with the callbacks' state; call on_save."""
-        state = {"config": self.config.to_dict(), "losses": self.losses,
+        """Write checkpoint `step` (train/checkpoint.py; rank 0 writes, the others wait) with the callbacks' state
+        and the number of processes; call on_save."""
+        state = {"config": self.config.to_dict(), "losses": self.losses, "world_size": self.dist.world_size,
                  "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()}}
-        self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, step, self.model, self.saves, self.optimizer,
-                                                    self.scheduler, state, self.config.save_total_limit, self.scaler,
-                                                    protect=self.keep_checkpoint)
+        self.last_checkpoint = self.dist.on_main(lambda: ckpt.save_checkpoint(
+            self.out_dir, step, self.model, self.saves, self.optimizer, self.scheduler, state,
+            self.config.save_total_limit, self.scaler, protect=self.keep_checkpoint)) or ckpt.step_dir(self.out_dir, step)
         for callback in self.callbacks:
             callback.on_save(self, step, self.last_checkpoint)
         return self.last_checkpoint
@@ -247,7 +273,7 @@ class Trainer:
         Raises:
             ResumeError: not a checkpoint, or one from a run with other trajectory settings.
         """
-        state = ckpt.read_state(directory, self.config.to_dict())
+        state = ckpt.read_state(directory, self.config.to_dict(), self.dist.world_size)
         # a raised --max-steps: the schedule is recomputed for the new total, with the first run's warm-up
         warmup, self.total_steps = rundir.schedule_horizon(self.config, state["config"], self.steps_per_epoch)
         self.schedule = lr_factor(self.config.lr_scheduler_type, warmup, self.total_steps)
@@ -267,19 +293,24 @@ class Trainer:
         On the CPU this fixes glibc's malloc thresholds for the process (lorakit.tune_cpu_allocator: freed step
         memory is reused instead of faulted in again); LORAKIT_KEEP_HEAP=0 leaves malloc alone.
 
-        The out directory is locked for the whole run (io.lock; re-entrant when lorakit.train already holds it).
+        The out directory is locked for the whole run (io.lock; re-entrant when lorakit.train already holds it; on
+        several processes, by rank 0).
 
         Raises:
             TrainingError: a non-finite loss, or a collapsed fp16 loss scale (the last checkpoint is named).
             DirectoryLockedError: another live process is training into (or writing) the out directory.
         """
-        with directory_lock(self.out_dir, purpose="lorakit Trainer.fit"):
+        if not self.dist.active:
+            with directory_lock(self.out_dir, purpose="lorakit Trainer.fit"):
+                return self._fit()
+        with ExitStack() as lock:
+            self.dist.on_main(lambda: lock.enter_context(directory_lock(self.out_dir, purpose="lorakit Trainer.fit")))
             return self._fit()
 
     def _fit(self) -> TrainResult:
         cfg = self.config
         tune_for_training(str(self.device))
-        loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict())
+        loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict()) if self.dist.is_main else []
         self.callbacks.extend(loggers)
         step, final = self.start_step, {}
         try:
@@ -316,10 +347,14 @@ class Trainer:
             batch = self.batches((step - 1) * accumulate + micro)
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0  # on the CPU: no sync
             batch = _to(batch, self.device)
-            with autocast_context(cfg.mixed_precision, self.device):
-                loss = self.model(**batch).loss / accumulate
-            self.scaler.scale(loss).backward()
+            with sync_context(self.train_model, micro == accumulate - 1):  # DDP: all-reduce on the last only
+                with autocast_context(cfg.mixed_precision, self.device):
+                    loss = self.train_model(**batch).loss / accumulate
+                self.scaler.scale(loss).backward()
             step_loss += loss.item()
+        if self.dist.active:  # the loss logged is the mean over ranks, the tokens their sum
+            total_loss, tokens_sum = self.dist.sum([step_loss, float(tokens)])
+            step_loss, tokens = total_loss / self.dist.world_size, int(tokens_sum)
         self.scaler.unscale_(self.optimizer)  # true gradients for clipping and diagnostics (no-op without scaling)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         for callback in self.callbacks:
@@ -342,7 +377,13 @@ class Trainer:
                 self._extra.update(extra)
 
     def save_final(self) -> Path:
-        """The adapter (PiSSA / OLoRA converted to a plain LoRA on the original weights) or the full model."""
+        """The adapter (PiSSA / OLoRA converted to a plain LoRA on the original weights) or the full model; on
+        several processes rank 0 writes it while the others wait."""
+        saved = self.dist.on_main(self._save_final, share=True)
+        self.message(f"saved {self.saves_name} to {saved}")
+        return saved
+
+    def _save_final(self) -> Path:
         if self.saves == "lora":
             convert = M.get_config(self.model, "default").residual_init
             saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert)
@@ -352,7 +393,6 @@ class Trainer:
                 self.model.save_pretrained(tmp)
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
-        self.message(f"saved {self.saves_name} to {saved}")
         return saved
 
 
