@@ -91,9 +91,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter_sharded(model: nn.Module, path: str | Path, name: str = "default") -> Path | None:
+def save_adapter_sharded(
+    model: nn.Module, path: str | Path, name: str = "default", *, vllm_check: bool = True
+) -> Path | None:
     """Save adapter `name` of a (possibly FSDP-sharded) model: all ranks gather the adapter, rank 0 writes it
-    with lorakit.save_adapter (atomic); returns the directory on rank 0, None on the others.
+    with lorakit.save_adapter (atomic; `vllm_check` as there); returns the directory on rank 0, None on the
+    others.
 
     Raises:
         ConfigError: a PiSSA / OLoRA adapter (its saved form needs the full base weights: unshard first), or
@@ -107,4 +110,4 @@ def save_adapter_sharded(model: nn.Module, path: str | Path, name: str = "defaul
     state = adapter_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return save_adapter(model, path, name, vllm_check=False, state_dict=state)
+    return save_adapter(model, path, name, vllm_check=vllm_check, state_dict=state)
