@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from model_dirs import make_causal_lm_dir
 
 WORDS = "one two three four five six seven eight nine ten cat dog bird fish red green blue big small hot".split()
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -149,16 +149,18 @@ class Dist:
         return result if self.is_main else sent[1]
 
     @contextmanager
-    def failures(self, what: str) -> Iterator[None]:
-        """A collective that fails (a process died, or the timeout passed) as a DistributedError saying so."""
+    def failures(self, what: str, hint: Callable[[], str] | None = None) -> Iterator[None]:
+        """A collective that fails (a process died, or the timeout passed) as a DistributedError saying so, with
+        hint() (e.g. the checkpoint to resume from) at the end of the message; one process: nothing changes."""
         try:
             yield
         except (tdist.DistError, RuntimeError) as err:
-            if not isinstance(err, tdist.DistError) and not _looks_distributed(err):
+            if not self.active or (not isinstance(err, tdist.DistError) and not _looks_distributed(err)):
                 raise
             raise DistributedError(
                 f"rank {self.rank} of {self.world_size}: {what} failed: another process of the run stopped, or did "
-                f"not answer within --ddp-timeout {self.timeout_s:g} s ({' '.join(str(err).split())[:300]})") from err
+                f"not answer within --ddp-timeout {self.timeout_s:g} s ({' '.join(str(err).split())[:300]})"
+                + (hint() if hint else "")) from err
 
     def _comm_device(self) -> torch.device:
         return self.device if tdist.get_backend() == "nccl" else torch.device("cpu")

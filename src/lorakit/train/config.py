@@ -136,6 +136,10 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
+        if self.fsdp:
+            raise ConfigError("fsdp: `lorakit train --fsdp` is not available yet (its checkpoints would need sharded "
+                              "optimizer states); drop --fsdp to train with DistributedDataParallel, or shard the "
+                              "base in your own loop with lorakit.distributed.fsdp.shard_model")
         self._validate_numbers()
         self._validate_adapter_method()
         self._validate_quantize()

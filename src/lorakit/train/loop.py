@@ -26,7 +26,7 @@ from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig
 from .precision import TrainingError
-from .trainer import Batches, Trainer, TrainResult, build_optimizer, check_fsdp, evaluate
+from .trainer import Batches, Trainer, TrainResult, build_optimizer, evaluate
 
 HEAD_NAMES = ("classifier", "score")  # new classification heads: trained in full (modules_to_save), as PEFT does
 
@@ -108,7 +108,6 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
         DistributedError: under torchrun, another process of the run failed or did not answer within ddp_timeout.
     """
     loggers.check_available(cfg.report_to)  # before anything is written
-    check_fsdp(cfg)
     tune_for_training(cfg.device)  # CPU: freed step memory stays in the process (LORAKIT_KEEP_HEAP=0: off)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -117,18 +117,6 @@ def default_collate(task: str, model: nn.Module) -> Callable[[list[Any]], dict[s
     return lambda batch: fn(batch, pad_id)
 
 
-def check_fsdp(cfg: TrainConfig) -> None:
-    """Refuse --fsdp, which `lorakit train` does not do yet.
-
-    Raises:
-        ConfigError: cfg.fsdp is on.
-    """
-    if cfg.fsdp:
-        raise ConfigError("fsdp: `lorakit train --fsdp` is not available yet (its checkpoints would need sharded "
-                          "optimizer states); drop --fsdp to train with DistributedDataParallel, or shard the base "
-                          "in your own loop with lorakit.distributed.fsdp.shard_model")
-
-
 class Trainer:
     """Train `model`'s trainable parameters (an attached adapter, or all of them for full fine-tuning) on
     tokenised examples, as `config` describes; `fit()` runs, calls the callbacks and returns a TrainResult.
@@ -152,7 +140,7 @@ class Trainer:
 
     Raises:
         ConfigError: early stopping or load_best_at_end without validation data; report_to naming a missing
-            package; no trainable parameter; fsdp (not available in this Trainer yet).
+            package; no trainable parameter.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[Any], eval_data: list[Any] | None = None,
@@ -160,7 +148,6 @@ class Trainer:
                  task: str = "causal-lm", tokenizer: Any = None, optimizer: torch.optim.Optimizer | None = None,
                  device: torch.device | None = None, dist: Dist | None = None) -> None:
         cfg = self.config = config
-        check_fsdp(cfg)
         self.model, self.task, self.tokenizer = model, task, tokenizer
         self.train_data, self.eval_data = list(train_data), list(eval_data or [])
         self.collate = collate or default_collate(task, model)
@@ -319,7 +306,8 @@ class Trainer:
             self.model.train()
             started = time.perf_counter()
             for step in range(self.start_step + 1, self.total_steps + 1):
-                self._step(step)
+                with self.dist.failures(f"step {step}", self._resume_hint):  # several processes: one stopped
+                    self._step(step)
                 if self.should_stop:
                     break
             seconds = time.perf_counter() - started
@@ -375,6 +363,10 @@ class Trainer:
             extra = callback.on_step_end(self, out)
             if extra:
                 self._extra.update(extra)
+
+    def _resume_hint(self) -> str:
+        last = self.last_checkpoint
+        return f"; the last checkpoint is {last} (--resume {last})" if last else "; no checkpoint was saved"
 
     def save_final(self) -> Path:
         """The adapter (PiSSA / OLoRA converted to a plain LoRA on the original weights) or the full model; on
