@@ -13,7 +13,7 @@ import torch.distributed as tdist
 from e_runs import free_port
 
 import lorakit
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_bert, tiny_llama
 from lorakit.distributed import env as E
 from lorakit.distributed.sampler import micro_batches_per_epoch, shard_positions
 from lorakit.errors import ConfigError
@@ -103,7 +103,23 @@ def one_rank_group():
         tdist.destroy_process_group()
 
 
-def test_trainer_all_reduces_the_trainable_gradients_once_per_step(one_rank_group, tmp_path,
+def lm_run() -> tuple[torch.nn.Module, list[dict], str]:
+    model = lorakit.attach(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0))
+    ids = torch.randint(0, VOCAB, (8, 6)).tolist()
+    return model, [{"input_ids": row, "labels": row, "attention_mask": [1] * 6} for row in ids], "causal-lm"
+
+
+def classifier_run() -> tuple[torch.nn.Module, list[dict], str]:
+    """BERT with LoRA and its classification head trained in full (modules_to_save): every trainable parameter
+    is used in each forward, so DDP needs no find_unused_parameters."""
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0, modules_to_save=["classifier"])
+    model = lorakit.attach(tiny_bert(), config)
+    ids = torch.randint(0, VOCAB, (8, 6)).tolist()
+    return model, [{"input_ids": row, "label": i % 3} for i, row in enumerate(ids)], "classification"
+
+
+@pytest.mark.parametrize("make_run", [lm_run, classifier_run])
+def test_trainer_all_reduces_the_trainable_gradients_once_per_step(one_rank_group, tmp_path, make_run,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The Trainer's DDP: only trainable parameters in the reducer (bytes per step == their bytes, frozen weights get
     no gradient) and no all-reduce on the first of 2 accumulated micro-batches (one synchronised backward per step)."""
@@ -111,16 +127,14 @@ def test_trainer_all_reduces_the_trainable_gradients_once_per_step(one_rank_grou
 
     monkeypatch.setattr(E.Dist, "active", property(lambda self: True))  # the DDP path on a one-process group
     torch.manual_seed(0)
-    model = lorakit.attach(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0))
-    ids = torch.randint(0, VOCAB, (8, 6)).tolist()
-    examples = [{"input_ids": row, "labels": row, "attention_mask": [1] * 6} for row in ids]
-    cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=2,
+    model, examples, task = make_run()
+    cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=2,
                       gradient_accumulation_steps=2, progress=False, diagnostics_steps=0, device="cpu")
     dist = E.Dist(E.LaunchEnv(0, 1, 0), torch.device("cpu"), 10.0)
-    trainer = Trainer(model, cfg, examples, dist=dist)
+    trainer = Trainer(model, cfg, examples, task=task, dist=dist)
     assert isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel)
     counter = install_byte_counter(trainer.train_model)
-    trainer.fit()
-    assert counter.steps == 2  # 4 backward passes, 2 all-reduces
+    trainer.fit()  # an unused trainable parameter would fail the second step (DDP's unfinished reduction)
+    assert counter.steps == 3  # 6 backward passes, 3 all-reduces
     assert counter.bytes_per_step == trainable_bytes(model) < sum(p.numel() * 4 for p in model.parameters()) / 5
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
