@@ -16,9 +16,10 @@ from conftest import tiny_llama  # noqa: E402
 from lorakit.distributed.fsdp import local_bytes, save_adapter_sharded, shard_model  # noqa: E402
 
 out, steps = Path(sys.argv[1]), int(sys.argv[2])
+SAVED = ["lm_head"]  # a modules_to_save copy trains in full beside the adapters
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-model = lorakit.attach(tiny_llama().train(), f_lora_config())
+model = lorakit.attach(tiny_llama().train(), f_lora_config(SAVED))
 unsharded = local_bytes(model)
 shard_model(model)
 sharded = local_bytes(model)

@@ -53,8 +53,9 @@ PER_RANK = 2  # rows per rank per step
 LR = 1e-2
 
 
-def f_lora_config():
-    """The adapter every F test trains: rank 4 on every linear layer, no dropout (runs compare exactly)."""
+def f_lora_config(modules_to_save: list[str] | None = None):
+    """The adapter F's tests train: rank 4 on every linear layer, no dropout (runs compare exactly), and
+    optionally fully trained copies of `modules_to_save`."""
     import lorakit
 
-    return lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0)
+    return lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0, modules_to_save=modules_to_save)

@@ -1,5 +1,6 @@
 """FSDP2 sharding of the frozen base under real torchrun (2 gloo processes on the CPU): each rank holds ~1/N of
-the frozen weights, the losses and the saved adapter equal a single process on the whole batch."""
+the frozen weights, the losses and the saved adapter (LoRA + a modules_to_save copy of lm_head) equal a single
+process on the whole batch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from lorakit.distributed.fsdp import adapter_state_dict, block_classes, shard_mo
 from lorakit.errors import ConfigError
 
 STEPS = 3
+SAVED = ["lm_head"]  # as f_child_fsdp.py: a modules_to_save copy trains beside the adapters
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,7 @@ def fsdp_run(tmp_path_factory):
 
 
 def _single_process(world: int):
-    model = lorakit.attach(tiny_llama().train(), f_lora_config())
+    model = lorakit.attach(tiny_llama().train(), f_lora_config(SAVED))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     losses = []
     for step in range(STEPS):
@@ -60,15 +62,16 @@ def test_losses_and_saved_adapter_equal_single_process(fsdp_run):
 
 
 def test_adapter_state_dict_holds_adapter_tensors_only():
-    model = lorakit.attach(tiny_llama(), f_lora_config())
+    model = lorakit.attach(tiny_llama(), f_lora_config(SAVED))
     state = adapter_state_dict(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(t.numel() for t in state.values()) == trainable
-    assert all(".adapters." in k for k in state)
+    assert all(".adapters." in k or ".copies." in k for k in state)
+    assert any(".copies." in k for k in state)
 
 
 def test_shard_model_refuses_without_a_process_group():
-    model = lorakit.attach(tiny_llama(), f_lora_config())
+    model = lorakit.attach(tiny_llama(), f_lora_config(SAVED))
     assert block_classes(model) == {"LlamaDecoderLayer"}
     with pytest.raises(ConfigError, match="no torch.distributed process group"):
         shard_model(model)
