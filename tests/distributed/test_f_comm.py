@@ -52,6 +52,30 @@ def test_hook_gradients_equal_single_process_average(ddp_run):
         assert any(g.abs().sum() > 0 for g in grads.values())
 
 
+def test_two_processes_train_as_one_on_the_whole_batch(ddp_run):
+    world = json.loads((ddp_run / "result.json").read_text())["world"]
+    model = lorakit.attach(tiny_llama(), lorakit.LoraConfig(r=4, target_modules="all-linear", dropout=0.0))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for step in range(STEPS):
+        ids = global_batch(step, 2 * world)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert json.loads((ddp_run / "result.json").read_text())["losses"] == pytest.approx(losses, abs=1e-5)
+    for rank in range(world):
+        trained = torch.load(ddp_run / f"trained_rank{rank}.pt")
+        reference = dict(model.named_parameters())
+        assert max(max_abs_diff(t, reference[n]) for n, t in trained.items()) < 1e-5
+
+
+def test_a_second_hook_is_refused(ddp_run):
+    second = json.loads((ddp_run / "result.json").read_text())["second_hook"]
+    assert second.startswith("ConfigError: install_byte_counter: DDP refused the hook")
+
+
 def test_install_byte_counter_refuses_a_plain_module():
     with pytest.raises(ConfigError, match="DistributedDataParallel, found LlamaForCausalLM"):
         install_byte_counter(tiny_llama())
