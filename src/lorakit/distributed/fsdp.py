@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
@@ -37,7 +37,7 @@ def block_classes(model: nn.Module) -> set[str]:
 
 def shard_model(
     model: nn.Module, *, layer_classes: Iterable[str] | None = None, mesh: object | None = None,
-    reshard_after_forward: bool = True,
+    reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None,
 ) -> nn.Module:
     """Shard `model` in place with FSDP2: each block (a module whose class name is in `layer_classes`; default
     the model's `_no_split_modules`) is one FSDP unit, the root holds the rest (embeddings, head).
@@ -45,7 +45,10 @@ def shard_model(
     Every parameter, frozen or not, becomes a DTensor sharded on dim 0 over the mesh, so a rank keeps ~1/N of the
     frozen base; a block's weights are all-gathered for its forward and backward only. Gradients exist for the
     trainable parameters only (adapters, modules_to_save copies), so only those are reduce-scattered. Attach
-    adapters BEFORE sharding. On CUDA, move the model to `cuda:LOCAL_RANK` first (or pass a CUDA mesh).
+    adapters BEFORE sharding. On CUDA (nccl) the model may stay on the CPU until here: fully_shard moves each
+    unit's parameters to the mesh's device (default: the current CUDA device; call
+    torch.cuda.set_device(LOCAL_RANK) first) and shards them there, one unit at a time. `mp_policy` (torch.distributed.fsdp.MixedPrecisionPolicy, e.g. bf16 compute)
+    goes to every unit.
 
     Raises:
         ConfigError: no process group, the model is already sharded, or no module of `layer_classes` is found
@@ -61,9 +64,10 @@ def shard_model(
             f"shard_model: no module of class {sorted(wanted)} in {type(model).__name__}; "
             "pass layer_classes=[...] with the class name of its repeated blocks"
         )
+    extra = {} if mp_policy is None else {"mp_policy": mp_policy}
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, **extra)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, **extra)
     return model
 
 
