@@ -4,6 +4,7 @@ and a timeout, and the deterministic data every rank and the single-process refe
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,12 +30,20 @@ def run_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 90.0)
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / script), *args,
     ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"torchrun {script} did not finish in {timeout} s:\n{err.stdout}\n{err.stderr}") from err
-    assert proc.returncode == 0, f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    return proc
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun forwards SIGTERM to its workers (each in a session of its own) and stops them
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun {script} did not finish in {timeout} s:\n{stdout}\n{stderr[-6000:]}") from None
+    assert proc.returncode == 0, f"torchrun {script} failed ({proc.returncode}):\n{stdout}\n{stderr[-6000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def global_batch(step: int, batch: int, length: int = 8) -> torch.Tensor:
