@@ -286,6 +286,7 @@ class Trainer:
         Raises:
             TrainingError: a non-finite loss, or a collapsed fp16 loss scale (the last checkpoint is named).
             DirectoryLockedError: another live process is training into (or writing) the out directory.
+            DistributedError: several processes: another one stopped, or did not answer within ddp_timeout.
         """
         if not self.dist.active:
             with directory_lock(self.out_dir, purpose="lorakit Trainer.fit"):
