@@ -18,6 +18,20 @@ VOCAB = 64
 HIDDEN = 32
 
 
+class Counting(torch.utils.data.Dataset):
+    """Sequences start, start+1, ... (mod VOCAB); labels = input_ids."""
+
+    def __init__(self, size: int = 32, length: int = 12) -> None:
+        starts = torch.randint(0, VOCAB, (size, 1), generator=torch.Generator().manual_seed(0))
+        self.ids = (starts + torch.arange(length)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def tiny_llama(hidden: int = HIDDEN, layers: int = 2, attention_bias: bool = False) -> nn.Module:
     """A tiny LlamaForCausalLM (untied lm_head), fixed seed, eval mode."""
     torch.manual_seed(0)

@@ -13,22 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from f_launch import f_lora_config, global_batch  # noqa: E402
 
 import lorakit  # noqa: E402
-from conftest import VOCAB, tiny_llama  # noqa: E402
-
-
-class Counting(torch.utils.data.Dataset):
-    """Sequences start, start+1, ... (mod VOCAB); labels = input_ids."""
-
-    def __init__(self, size: int = 32, length: int = 12) -> None:
-        starts = torch.randint(0, VOCAB, (size, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
+from conftest import Counting, tiny_llama  # noqa: E402
 
 out = Path(sys.argv[1])
 model = lorakit.attach(tiny_llama().train(), f_lora_config())

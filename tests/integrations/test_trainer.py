@@ -10,24 +10,10 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import lorakit
-from conftest import VOCAB, max_abs_diff, tiny_llama, token_ids
+from conftest import Counting, max_abs_diff, tiny_llama, token_ids
 from lorakit.integrations import trainable_state
 
 CONFIG = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
-
-
-class Counting(torch.utils.data.Dataset):
-    """Sequences start, start+1, ... (mod VOCAB); labels = input_ids."""
-
-    def __init__(self, size: int = 32, length: int = 12) -> None:
-        starts = torch.randint(0, VOCAB, (size, 1), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts + torch.arange(length)) % VOCAB
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def adapted() -> torch.nn.Module:
