@@ -4,11 +4,11 @@ the owner's pid, host and start time, so a second save / merge / run into the sa
     runs/x/                      the directory being written
     runs/.x.lorakit-lock         {"pid": 4242, "host": "node1", "process_start": "81234", "started": "...", ...}
 
-Created with O_CREAT | O_EXCL (atomic) and removed in a `finally`. A lock is stale, and is taken over, when its
-owner is on this host and its pid is dead, or the pid now belongs to another process (the process start time in
+Written under a temporary name and linked into place (atomic, never empty); removed in a `finally`. A lock is
+stale, and is taken over, when its owner is on this host and its pid is dead, or the pid now belongs to another process (the process start time in
 the lock differs from the live one's). A lock from another host is never taken over (its owner cannot be checked
 from here): the error says which host and which file to delete once that process is gone. A lock file that
-cannot be parsed is stale once it is older than `UNREADABLE_GRACE_S` (its owner was killed while writing it).
+cannot be parsed (not lorakit's, or damaged) is stale once it is older than `UNREADABLE_GRACE_S`.
 Inside one process the lock is re-entrant for the thread that holds it; another thread is refused too.
 """
 
@@ -111,15 +111,21 @@ def _create(path: Path, purpose: str) -> bool:
     """Create lock file `path` for this process; False when it already exists."""
     owner = LockOwner(pid=os.getpid(), host=socket.gethostname(), process_start=process_start(os.getpid()),
                       started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), purpose=purpose)
+    # written whole under a temporary name (swept by io.publish if a kill leaves it), then linked to the lock's
+    # name: link() creates it atomically, WITH its content, or fails when it exists (no lock is ever empty)
+    tmp = path.with_name(f"{path.name[:-len(LOCK_SUFFIX)]}.lorakit-tmp-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, json.dumps(asdict(owner)).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    try:
-        os.write(fd, json.dumps(asdict(owner)).encode())
-        os.fsync(fd)
     finally:
-        os.close(fd)
+        tmp.unlink(missing_ok=True)
     return True
 
 
