@@ -5,41 +5,36 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import Any
 
 from ..checks import SEED_MAX
 
 
+def _checked(text: str, convert: type, ok: Callable[[float], bool], expected: str) -> Any:
+    """`convert(text)` when it parses and passes `ok`, else argparse's error naming what was expected."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, found {text!r}")
+    return value
+
+
 def seed(text: str) -> int:
     """An integer seed in [0, SEED_MAX] (numpy's range; -1 and 2**64 are refused)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], found {text!r}")
-    return value
+    return _checked(text, int, lambda v: 0 <= v <= SEED_MAX, f"an integer in [0, {SEED_MAX}]")
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
+    return _checked(text, int, lambda v: v > 0, "a positive integer")
 
 
 def finite_float(text: str) -> float:
     """A float that is neither NaN nor infinite (ranges are checked by the function that takes it)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, found {text!r}")
-    return value
+    return _checked(text, float, math.isfinite, "a finite number")
 
 
 __all__ = ["finite_float", "positive_int", "seed"]

@@ -64,7 +64,8 @@ def _owner_gone(pid: int) -> bool:
     return pid != os.getpid() and not process_alive(pid)
 
 
-def _delete(path: Path) -> None:
+def delete_entry(path: Path) -> None:
+    """Remove a file, a symlink or a directory tree (errors inside a tree are ignored)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -89,7 +90,7 @@ def sweep_leftovers(parent: str | Path) -> list[Path]:
             except OSError:
                 continue
         else:
-            _delete(entry)
+            delete_entry(entry)
         done.append(entry)
     return done
 

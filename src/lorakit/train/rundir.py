@@ -17,13 +17,12 @@ longer schedule's value there); a constant schedule is unchanged.
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ..distributed.env import launch_env
 from ..errors import ConfigError
-from ..io.publish import sweep_leftovers
+from ..io.publish import delete_entry, sweep_leftovers
 from . import checkpoint as ckpt
 from .checkpoint import TMP_PREFIX, ResumeError, read_checkpoint_state, remove_by_renaming
 from .config import TrainConfig
@@ -169,16 +168,9 @@ def sweep_temporary(out_dir: str | Path) -> list[Path]:
         removed += sweep_leftovers(parent)
         for path in parent.iterdir():
             if path.name.startswith((TMP_PREFIX, LEGACY_TMP)):
-                _delete(path)
+                delete_entry(path)
                 removed.append(path)
     return removed
-
-
-def _delete(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _inside(path: Path, parent: Path) -> bool:
