@@ -4,6 +4,7 @@ trainable parameters only with no_sync accumulation (on a one-process gloo group
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -76,15 +77,24 @@ def test_rank_0_errors_are_raised_alike_on_the_other_ranks(err: Exception) -> No
     assert str(again) == str(err)
 
 
-def test_fsdp_is_refused_as_not_yet_and_ddp_timeout_must_be_positive(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(ConfigError, match="fsdp: `lorakit train --fsdp` is not available yet"):
-        TrainConfig(fsdp=True)
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"method": "full"}, "method full"), ({"quantize": "nf4"}, "quantize 'nf4'"), ({"init": "pissa"}, "init 'pissa'"),
+    ({"init": "olora"}, "init 'olora'"), ({"mixed_precision": "fp16"}, "mixed_precision fp16"),
+])
+def test_fsdp_refuses_what_it_cannot_shard_by_name(settings: dict, named: str) -> None:
+    TrainConfig(fsdp=True)  # LoRA on a sharded base: accepted
+    with pytest.raises(ConfigError, match=f"fsdp: --fsdp cannot train with {re.escape(named)}.*drop --fsdp"):
+        TrainConfig(fsdp=True, **settings)
+    TrainConfig(**settings)  # fine without --fsdp
+
+
+def test_ddp_timeout_must_be_positive_and_cli_refusals_exit_2(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ConfigError, match="ddp_timeout must be > 0; got 0"):
         TrainConfig(ddp_timeout=0)
     from lorakit.cli.main import main
 
-    assert main(["train", "--model", "m", "--data", "d.jsonl", "--fsdp"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--fsdp", "--method", "full"]) == 2
+    assert "--fsdp cannot train with method full" in capsys.readouterr().err
 
 
 def test_python_dash_m_lorakit_runs_the_cli() -> None:

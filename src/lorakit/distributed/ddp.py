@@ -7,9 +7,11 @@ rank 0, so a rank whose init differed cannot drift. Gradient accumulation syncs 
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from .env import Dist
@@ -31,10 +33,24 @@ def wrap_ddp(model: nn.Module, dist: Dist) -> nn.Module:
 
 
 def sync_context(module: nn.Module, sync: bool) -> AbstractContextManager:
-    """DDP's no_sync() when this micro-batch must not all-reduce (all but the last of a step); else nothing."""
-    if sync or not isinstance(module, DistributedDataParallel):
+    """DDP's no_sync() (FSDP2: no reduce-scatter) when this micro-batch must not synchronise gradients (all but the
+    last of a step); else nothing."""
+    if sync:
         return nullcontext()
-    return module.no_sync()
+    if isinstance(module, FSDPModule):
+        return _fsdp_no_sync(module)
+    if isinstance(module, DistributedDataParallel):
+        return module.no_sync()
+    return nullcontext()
+
+
+@contextmanager
+def _fsdp_no_sync(module: FSDPModule) -> Iterator[None]:
+    module.set_requires_gradient_sync(False)  # gradients accumulate unsharded until the step's last micro-batch
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def reducer_bytes(module: nn.Module) -> int:

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import ConfigError
 from ..integrations.save_pretrained import trainable_state
@@ -71,6 +72,57 @@ def shard_model(
     return model
 
 
+def shard_for_training(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """shard_model on a one-dimensional mesh of the run's processes on `device`'s type (the CPU with gloo even on a
+    machine that has GPUs; on CUDA each process's current device must be cuda:LOCAL_RANK, as lorakit train sets)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the process's one GPU (launched with one process per device)
+    return shard_model(model, mesh=init_device_mesh(device.type, (world_size,)))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` was sharded with fully_shard (its parameters are DTensors)."""
+    return isinstance(model, FSDPModule)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor (a collective: every rank calls it); any other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def copy_whole_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full tensor `value` into `target`, a plain tensor or a DTensor shard (this rank's rows; no
+    communication: every rank holds the same `value`, read from the same file)."""
+    if isinstance(target, DTensor):
+        value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
+
+
+def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every DTensor state (AdamW's moments of a sharded parameter) gathered to a full
+    CPU tensor: the same file an unsharded run writes, so a checkpoint resumes on any number of processes, sharded
+    or not. A collective when the parameters are sharded (every rank calls it)."""
+    state = optimizer.state_dict()
+    gathered = {index: {key: whole(value).detach().to("cpu") if torch.is_tensor(value) else value
+                        for key, value in entry.items()}
+                for index, entry in sorted(state["state"].items())}
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict(state) for a state of full tensors (gathered_optimizer_state, or an unsharded run's),
+    each moment of a sharded parameter then cut to this rank's shard (no communication)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            entry = optimizer.state.get(param, {})
+            for key, value in entry.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.shape:
+                    entry[key] = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+
+
 def local_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of parameters held by THIS rank: {"frozen": ..., "trainable": ...} (a DTensor counts its local
     shard; a plain tensor counts whole)."""
@@ -88,11 +140,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     A collective under FSDP: every rank must call it (each gets the full tensors). For a model that is not
     sharded it returns CPU copies. The result is what `lorakit.save_adapter(model, path, state_dict=...)` takes.
     """
-    state: dict[str, torch.Tensor] = {}
-    for key, tensor in trainable_state(model).items():
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        state[key] = full.detach().to("cpu").clone()
-    return state
+    return {key: whole(tensor).detach().to("cpu").clone() for key, tensor in trainable_state(model).items()}
 
 
 def save_adapter_sharded(

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed.fsdp import copy_whole_, load_optimizer_state
 from ..errors import ConfigError
 from ..io import save_adapter
 from ..io.files import read_weights
@@ -64,13 +65,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     root: Path, step: int, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,
     scheduler: Any, trainer_state: dict[str, Any], keep: int, scaler: torch.amp.GradScaler | None = None,
-    protect: Path | None = None,
+    protect: Path | None = None, weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep` (and `protect`,
     the best checkpoint load_best_at_end keeps).
 
     optimizer.pt holds the optimizer, the scheduler, the RNG states and the loss scaler's state (scale and
-    growth tracker; empty when loss scaling is off).
+    growth tracker; empty when loss scaling is off). `weights` / `optimizer_state`: the adapter's tensors and the
+    optimizer's state gathered from an FSDP-sharded model (distributed.fsdp), instead of the model's own.
     """
     final = step_dir(root, step)
     parent = final.parent
@@ -79,11 +82,12 @@ def save_checkpoint(
     with publishing(final, carry=False, lock=False) as tmp:
         if method == "lora":
             # as trained (PiSSA / OLoRA: the residual form the resumed run attaches again), not for serving
-            save_adapter(model, tmp / "adapter", convert_to_lora=False, vllm_check=False)
+            save_adapter(model, tmp / "adapter", convert_to_lora=False, vllm_check=False, state_dict=weights)
         else:
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state()},
                    tmp / "optimizer.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**trainer_state, "global_step": step}, indent=1))
@@ -209,7 +213,7 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
             raise ResumeError(f"--resume {directory}: the adapter in the checkpoint has other modules than this run's")
         with torch.no_grad():
             for key, tensor in live.items():
-                tensor.copy_(saved[key])
+                copy_whole_(tensor, saved[key])  # an FSDP shard takes its rows of the full tensor
     else:
         weights = _load(directory / "trainable.safetensors", lambda f: load_file(str(f)))
         params = dict(model.named_parameters())
@@ -217,10 +221,10 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
             raise ResumeError(f"--resume {directory}: trainable.safetensors has parameters this model lacks")
         with torch.no_grad():
             for name, tensor in weights.items():
-                params[name].copy_(tensor)
+                copy_whole_(params[name], tensor)
     blob = _load(directory / "optimizer.pt", lambda f: torch.load(f, map_location="cpu", weights_only=True))
     try:
-        optimizer.load_state_dict(blob["optimizer"])
+        load_optimizer_state(optimizer, blob["optimizer"])  # full tensors, cut to this rank's shard under FSDP
         scheduler.load_state_dict(blob["scheduler"])
         if scaler is not None and scaler.is_enabled() and blob.get("scaler"):
             scaler.load_state_dict(blob["scaler"])

@@ -136,14 +136,23 @@ class TrainConfig:
                      "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0; got {getattr(self, name)!r}")
-        if self.fsdp:
-            raise ConfigError("fsdp: `lorakit train --fsdp` is not available yet (its checkpoints would need sharded "
-                              "optimizer states); drop --fsdp to train with DistributedDataParallel, or shard the "
-                              "base in your own loop with lorakit.distributed.fsdp.shard_model")
         self._validate_numbers()
         self._validate_adapter_method()
         self._validate_quantize()
         self._validate_callbacks()
+        if self.fsdp:
+            self._validate_fsdp()
+
+    def _validate_fsdp(self) -> None:
+        """--fsdp trains a LoRA / DoRA / LoRA-FA adapter on a sharded base; what it cannot shard is refused by name."""
+        residual = self.init in ("pissa", "olora") or str(self.init).startswith("pissa_niter_")
+        for refused, why in ((self.method == "full", "method full (full fine-tuning)"),
+                             (bool(self.quantize), f"quantize {self.quantize!r} (an NF4 base is not sharded)"),
+                             (residual, f"init {self.init!r} (the saved adapter needs the whole base weights)"),
+                             (self.mixed_precision == "fp16", "mixed_precision fp16 (loss scaling; use bf16)")):
+            if refused:
+                raise ConfigError(f"fsdp: --fsdp cannot train with {why}; drop --fsdp to train with "
+                                  "DistributedDataParallel")
 
     def _validate_numbers(self) -> None:
         """Every float option finite (an infinite learning rate or epoch count is a mistake, not a setting), the

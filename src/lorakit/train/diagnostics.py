@@ -14,6 +14,7 @@ import statistics
 import torch
 from torch import nn
 
+from ..distributed.fsdp import whole
 from ..model import lora_layers
 
 MAX_UPDATE_RATIO = 0.5  # ||sBA|| above half of ||W0||: the adapter is rewriting the layer; learning rate too high?
@@ -22,15 +23,20 @@ GRAD_RATIO_RANGE = (1e-4, 1e4)  # |∇A| / |∇B| outside this: one factor is ef
 
 def delta_norm(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> float:
     """||s B A||_F from the factors: A (r, k...), B (d, r...)."""
-    a = lora_A.detach().float().flatten(1)  # (r, k)
-    b = lora_B.detach().float().flatten(1)  # (d, r)
+    a = whole(lora_A.detach()).float().flatten(1)  # (r, k); an FSDP shard is gathered (every rank calls this)
+    b = whole(lora_B.detach()).float().flatten(1)  # (d, r)
     squared = ((b.t() @ b) * (a @ a.t())).sum().clamp_min(0.0)
     return abs(scale) * squared.sqrt().item()
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:
     """||W0||_F of every adapted layer (frozen: compute once per run)."""
-    return {layer.path: layer.base_layer.weight.detach().float().norm().item() for layer in lora_layers(model)}
+    return {layer.path: _norm(layer.base_layer.weight) for layer in lora_layers(model)}
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    """||tensor||_F; of a whole FSDP-sharded tensor, not of this rank's shard (a collective: every rank calls it)."""
+    return whole(tensor.detach().float().norm()).item()
 
 
 def layer_diagnostics(model: nn.Module, w0_norms: dict[str, float], name: str = "default") -> dict[str, dict]:
@@ -44,9 +50,9 @@ def layer_diagnostics(model: nn.Module, w0_norms: dict[str, float], name: str = 
         ratio = delta_norm(adapter.lora_A, adapter.lora_B, adapter.scale) / w0
         grad_ratio = None
         if adapter.lora_A.grad is not None and adapter.lora_B.grad is not None:
-            gb = adapter.lora_B.grad.float().norm().item()
+            gb, ga = _norm(adapter.lora_B.grad), _norm(adapter.lora_A.grad)
             if gb > 0:
-                grad_ratio = adapter.lora_A.grad.float().norm().item() / gb
+                grad_ratio = ga / gb
         out[layer.path] = {"update_ratio": ratio, "grad_ratio": grad_ratio}
     return out
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import model as M
 from ..config import LoraConfig
+from ..distributed import fsdp
 from ..distributed.env import Dist, process_group
 from ..errors import LorakitError
 from ..heap import tune_for_training
@@ -155,16 +156,18 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
     residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
     # QLoRA from a checkpoint: quantised while it is read (no full-precision copy); QPiSSA needs the exact W0 first
     streamed = bool(cfg.quantize) and model is None and not residual_init
+    sharding = cfg.fsdp and dist.active  # FSDP2: the base stays on the CPU until each unit is sharded to `device`
     if model is None:
         from ..loading import load_model
 
-        model = load_model(cfg.model, dtype=cfg.dtype, device=device, task=task,
+        model = load_model(cfg.model, dtype=cfg.dtype, device="cpu" if sharding else device, task=task,
                            num_labels=datasets.num_labels or None, quantize=cfg.quantize if streamed else None,
                            compute_dtype=quantize_compute_dtype(cfg, device) if streamed else None)
     if task == "classification":
         model.config.label2id = dict(datasets.label2id)
         model.config.id2label = datasets.id2label
-    model.to(device)
+    if not sharding:
+        model.to(device)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if streamed:
@@ -177,6 +180,10 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     trainable, total = M.trainable_parameters(model)
+    if sharding:
+        fsdp.shard_for_training(model, device, dist.world_size)  # before the optimizer: it takes the DTensor shards
+    elif cfg.fsdp:
+        print("lorakit: note: --fsdp with one process: nothing to shard, training as usual")
     for warning in datasets.warnings():
         print(f"lorakit: warning: {warning}")
 
@@ -188,13 +195,19 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
                     f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.3f}%), "
                     f"device {device}, base {_dtype_name(model)}, mixed precision {cfg.mixed_precision}"
                     + (", loss scaling on" if trainer.scaler.is_enabled() else "")
-                    + (f", {dist.world_size} processes (DDP, global batch {_global_batch(cfg, dist)})"
-                       if dist.active else ""))
+                    + (f", {dist.world_size} processes ({'FSDP' if sharding else 'DDP'}, global batch "
+                       f"{_global_batch(cfg, dist)})" if dist.active else "")
+                    + (f"; this process holds {_mib(fsdp.local_bytes(model)['frozen'])} of the frozen base"
+                       if sharding else ""))
     return trainer.fit()
 
 
 def _global_batch(cfg: TrainConfig, dist: Dist) -> int:
     return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n:,} bytes)"
 
 
 def _dtype_name(model: nn.Module) -> str:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .. import model as M
+from ..distributed import fsdp
 from ..distributed.ddp import sync_context, wrap_ddp
 from ..distributed.env import Dist
-from ..distributed.sampler import epoch_order, micro_batches_per_epoch, shard_positions
 from ..errors import ConfigError
 from ..heap import tune_for_training
 from ..io import save_adapter
@@ -29,6 +29,7 @@ from ..io.publish import publishing
 from ..optim import loraplus_optimizer
 from . import checkpoint as ckpt
 from . import precision, rundir
+from .batching import Batches, default_collate, evaluate, to_device
 from .callbacks import (
     BestMetric,
     Callback,
@@ -58,65 +59,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
-class Batches:
-    """Micro-batch `m` of the run: epoch m // per_epoch, drawn from a permutation seeded by (seed, epoch); on
-    `world_size` processes, rank `rank`'s share of global micro-batch m (distributed.sampler)."""
-
-    def __init__(self, examples: list[Any], batch_size: int, seed: int, collate: Any, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.examples, self.batch_size, self.seed, self.collate = examples, batch_size, seed, collate
-        self.rank, self.world_size = rank, world_size
-        self.per_epoch = micro_batches_per_epoch(len(examples), batch_size, world_size)
-        self._order: tuple[int, torch.Tensor] | None = None
-
-    def __call__(self, m: int) -> dict[str, torch.Tensor]:
-        epoch, j = divmod(m, self.per_epoch)
-        if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.examples), self.seed, epoch))
-        positions = shard_positions(j, self.batch_size, len(self.examples), self.rank, self.world_size)
-        return self.collate([self.examples[i] for i in self._order[1][positions].tolist()])
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Any], collate: Any, cfg: TrainConfig, task: str,
-             device: torch.device) -> dict[str, float]:
-    """LM: token-weighted loss and perplexity. Classification: loss and accuracy."""
-    if not examples:
-        return {}
-    was_training = model.training
-    model.eval()
-    total_loss = weight = correct = 0.0
-    with autocast_context(cfg.mixed_precision, device):
-        for start in range(0, len(examples), cfg.per_device_eval_batch_size):
-            batch = _to(collate(examples[start:start + cfg.per_device_eval_batch_size]), device)
-            output = model(**batch)
-            if task == "classification":
-                n = batch["labels"].numel()
-                correct += (output.logits.argmax(-1) == batch["labels"]).sum().item()
-            else:
-                n = (batch["labels"][:, 1:] != -100).sum().item()  # tokens that carry loss
-            total_loss += output.loss.float().item() * n
-            weight += n
-    model.train(was_training)
-    loss = total_loss / max(weight, 1)
-    if task == "classification":
-        return {"eval_loss": loss, "eval_accuracy": correct / max(weight, 1)}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-
-
-def default_collate(task: str, model: nn.Module) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
-    """Right-padding collate of the task, padded with the model's pad_token_id (0 when it has none)."""
-    from .data import collate_classification, collate_lm
-
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    fn = collate_classification if task == "classification" else collate_lm
-    return lambda batch: fn(batch, pad_id)
-
-
 class Trainer:
     """Train `model`'s trainable parameters (an attached adapter, or all of them for full fine-tuning) on
     tokenised examples, as `config` describes; `fit()` runs, calls the callbacks and returns a TrainResult.
@@ -136,11 +78,12 @@ class Trainer:
         tokenizer: saved next to a fully fine-tuned model.
         optimizer: default: AdamW (LoRA+ groups with loraplus_ratio).
         dist: the run's processes (lorakit.distributed.process_group); default: this process alone. With several,
-            the model trains in DistributedDataParallel and rank 0 alone writes files and prints.
+            the model trains in DistributedDataParallel (or, sharded with lorakit.distributed.fsdp.shard_model
+            before it is given here, as it is: FSDP2) and rank 0 alone writes files and prints.
 
     Raises:
         ConfigError: early stopping or load_best_at_end without validation data; report_to naming a missing
-            package; no trainable parameter.
+            package; no trainable parameter; an FSDP-sharded model with fp16 loss scaling or full fine-tuning.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: list[Any], eval_data: list[Any] | None = None,
@@ -161,6 +104,7 @@ class Trainer:
                               "or eval_fraction > 0 (found none)")
         self.saves = "full" if cfg.method == "full" else "lora"  # checkpoints hold the whole model or the adapter
         self.saves_name = "model" if self.saves == "full" else "adapter"
+        self.sharded = fsdp.is_sharded(model)  # FSDP2: parameters are DTensor shards; saving gathers them
         self.dist = dist or Dist.single(self.device)
         self.batches = Batches(self.train_data, cfg.per_device_train_batch_size, cfg.seed, self.collate,
                                self.dist.rank, self.dist.world_size)
@@ -170,6 +114,11 @@ class Trainer:
         self.schedule = lr_factor(cfg.lr_scheduler_type, warmup, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         self.scaler = precision.make_scaler(cfg.mixed_precision, model, self.device)  # fp16: loss scaling
+        if self.sharded and (self.scaler.is_enabled() or self.saves == "full"
+                             or M.get_config(model, "default").residual_init):
+            raise ConfigError("Trainer: an FSDP-sharded model trains LoRA / DoRA / LoRA-FA adapters in bf16 or fp32: "
+                              "fp16 loss scaling, full fine-tuning and PiSSA / OLoRA (saving needs the whole base "
+                              "weights) are not supported with FSDP; train those with DDP (do not shard the model)")
         self.start_step, self.losses = 0, []
         self.last_checkpoint: Path | None = None
         self.keep_checkpoint: Path | None = None  # never pruned (load_best_at_end's best checkpoint)
@@ -178,7 +127,8 @@ class Trainer:
         self._extra: dict[str, Any] = {}
         self.progress = Progress(bar=cfg.progress)
         self.callbacks = self._default_callbacks(callbacks or [])
-        self.train_model = wrap_ddp(model, self.dist)  # what forward runs through (DDP: gradients all-reduced)
+        # what forward runs through: DDP all-reduces the gradients; a sharded model reduce-scatters its own
+        self.train_model = model if self.sharded else wrap_ddp(model, self.dist)
 
     def _default_callbacks(self, user: list[Callback]) -> list[Callback]:
         cfg = self.config
@@ -228,9 +178,13 @@ class Trainer:
         and the number of processes; call on_save."""
         state = {"config": self.config.to_dict(), "losses": self.losses, "world_size": self.dist.world_size,
                  "callbacks": {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()}}
+        # FSDP: every rank takes part in gathering the adapter and the optimizer's moments; rank 0 writes them
+        weights = fsdp.adapter_state_dict(self.model) if self.sharded else None
+        moments = fsdp.gathered_optimizer_state(self.optimizer) if self.sharded else None
         self.last_checkpoint = self.dist.on_main(lambda: ckpt.save_checkpoint(
             self.out_dir, step, self.model, self.saves, self.optimizer, self.scheduler, state,
-            self.config.save_total_limit, self.scaler, protect=self.keep_checkpoint)) or ckpt.step_dir(self.out_dir, step)
+            self.config.save_total_limit, self.scaler, protect=self.keep_checkpoint, weights=weights,
+            optimizer_state=moments)) or ckpt.step_dir(self.out_dir, step)
         for callback in self.callbacks:
             callback.on_save(self, step, self.last_checkpoint)
         return self.last_checkpoint
@@ -335,7 +289,7 @@ class Trainer:
         for micro in range(accumulate):
             batch = self.batches((step - 1) * accumulate + micro)
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0  # on the CPU: no sync
-            batch = _to(batch, self.device)
+            batch = to_device(batch, self.device)
             with sync_context(self.train_model, micro == accumulate - 1):  # DDP: all-reduce on the last only
                 with autocast_context(cfg.mixed_precision, self.device):
                     loss = self.train_model(**batch).loss / accumulate
@@ -346,6 +300,7 @@ class Trainer:
             step_loss, tokens = total_loss / self.dist.world_size, int(tokens_sum)
         self.scaler.unscale_(self.optimizer)  # true gradients for clipping and diagnostics (no-op without scaling)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        grad_norm = fsdp.whole(grad_norm) if grad_norm is not None else None  # FSDP: the norm over all shards
         for callback in self.callbacks:
             callback.on_pre_optimizer_step(self, step, step_loss)
         if precision.optimizer_step(self.scaler, self.optimizer):
@@ -372,14 +327,15 @@ class Trainer:
     def save_final(self) -> Path:
         """The adapter (PiSSA / OLoRA converted to a plain LoRA on the original weights) or the full model; on
         several processes rank 0 writes it while the others wait."""
-        saved = self.dist.on_main(self._save_final, share=True)
+        weights = fsdp.adapter_state_dict(self.model) if self.sharded else None  # FSDP: gathered by every rank
+        saved = self.dist.on_main(lambda: self._save_final(weights), share=True)
         self.message(f"saved {self.saves_name} to {saved}")
         return saved
 
-    def _save_final(self) -> Path:
+    def _save_final(self, weights: dict[str, torch.Tensor] | None) -> Path:
         if self.saves == "lora":
             convert = M.get_config(self.model, "default").residual_init
-            saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert)
+            saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert, state_dict=weights)
         else:
             saved = self.out_dir / "model"
             with publishing(saved, carry=False, lock=False) as tmp:  # one rename; out is locked by fit
