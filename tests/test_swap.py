@@ -302,7 +302,7 @@ def test_broken_file_is_refused_before_anything_changes(tmp_path: Path, loaded) 
 def test_other_variant_or_merged_adapter_is_refused(tmp_path: Path, loaded) -> None:
     model, _, state, ids = loaded
     dora = adapter_file(tmp_path, "dora", seed=2, r=4, alpha=8, use_dora=True, target_modules=LLAMA_TARGETS)
-    with pytest.raises(lorakit.AdapterFileError, match=r"use_dora=True in the file.*use_dora=False"):
+    with pytest.raises(lorakit.AdapterFileError, match=r"method 'dora' in the file \(use_dora=True\).*method 'lora' \(use_dora=False\)"):
         lorakit.swap_adapter(model, "default", dora)
     assert_unchanged(model, state, ids)
     plain = adapter_file(tmp_path, "plain", seed=2, r=4, alpha=8, target_modules=LLAMA_TARGETS)

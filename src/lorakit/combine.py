@@ -34,6 +34,7 @@ from .ops.combine import (
     truncate_factors,
 )
 from .targeting import is_target, iter_candidate_modules
+from .variants import variant_named
 from .variants.lora import LoraAdapter, add_into
 
 Weights = Mapping[str, float] | Sequence[float]
@@ -297,6 +298,9 @@ def _check_inputs(model: nn.Module, terms: list[tuple[str, float]], method: str,
     names = [n for n, _ in terms]
     for name in names:
         config = M.get_config(model, name)
+        if not variant_named(config.method).abilities.combine:
+            raise ConfigError(f"adapter {name!r} is a {config.method} adapter, which lorakit.combine cannot take as "
+                              "an input; merge it into the base instead (merge / merge_and_unload)")
         if config.residual_init:
             raise ConfigError(
                 f"adapter {name!r} was initialised with {config.init!r}: its update is relative to a residual base; "
@@ -319,8 +323,8 @@ def _check_inputs(model: nn.Module, terms: list[tuple[str, float]], method: str,
 
 # -- per module -------------------------------------------------------------------------------------------
 def _is_low_rank(adapter: LoraAdapter) -> bool:
-    """True when the variant's update is plain LoRA's ΔW = s B A (it does not override delta_weight)."""
-    return type(adapter).delta_weight is LoraAdapter.delta_weight
+    """True when the variant declares its update is plain LoRA's ΔW = s B A of its lora_A, lora_B."""
+    return adapter.abilities.low_rank
 
 
 def _delta_dk(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:

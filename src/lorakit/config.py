@@ -19,7 +19,9 @@ from typing import Any
 
 from .errors import ConfigError
 from .patterns import check_pattern
-from .peft_fields import ALIASES, BOOL_FIELDS, as_bool, peft_file_kwargs, to_lorakit_kwargs
+from .peft_fields import ALIASES, BOOL_FIELDS, as_bool, peft_file_kwargs, plain, to_lorakit_kwargs
+from .variants.protocol import check_options
+from .variants.registry import VARIANTS, variant_named, variants_for_peft_type
 
 INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n>" (randomised SVD, n iterations)
 # kaiming/gaussian: B = 0; "random": B random too (tests); pissa/olora: B, A from W0, the base keeps the residual
@@ -66,6 +68,8 @@ class LoraConfig:
     bias: str = "none"  # which biases train: "none" | "all" | "lora_only"
     use_rslora: bool = False  # rank-stabilised scaling s = alpha / sqrt(r)
     init: str = "kaiming"  # "kaiming" (PEFT default) | "gaussian" N(0, 1/r) | "pissa" | "pissa_niter_<n>" | "olora"
+    method: str = "lora"  # the variant (lorakit.variants registry): lora | dora | ... ("dora" = use_dora=True)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's own fields (its declared Options)
     use_dora: bool = False  # DoRA: a trainable magnitude per output row times the adapted direction
     lora_fa: bool = False  # LoRA-FA: A frozen after its init, only B trains (backward keeps A x, not x)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module pattern -> r
@@ -107,9 +111,11 @@ class LoraConfig:
         _check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
 
     def _normalise(self) -> None:
-        """Booleans from strings, enums as values, sets as sorted lists, PEFT's spellings of "no value"."""
+        """Booleans from strings, enums as values, sets as sorted lists, PEFT's spellings of "no value"; the method
+        and its options checked against the variant registry (use_dora=True is method "dora")."""
         for name in BOOL_FIELDS:
             setattr(self, name, as_bool(getattr(self, name), f"LoraConfig.{name}"))
+        self._normalise_method()
         if isinstance(self.task_type, enum.Enum):
             self.task_type = self.task_type.value
         if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
@@ -132,6 +138,26 @@ class LoraConfig:
         if isinstance(self.base_model_name_or_path, os.PathLike):
             self.base_model_name_or_path = os.fspath(self.base_model_name_or_path)
         _check_types(self)
+
+    def _normalise_method(self) -> None:
+        if not isinstance(self.method, str):
+            raise ConfigError(f"LoraConfig.method must be a string, got {self.method!r}")
+        self.method = self.method.strip().lower().replace("-", "_")
+        if self.use_dora and self.method not in ("lora", "dora"):
+            raise ConfigError(f"LoraConfig: use_dora=True and method={self.method!r} name two methods; give one")
+        if self.use_dora:
+            self.method = "dora"
+        self.use_dora = self.method == "dora"
+        try:
+            variant = variant_named(self.method)
+        except KeyError as err:
+            raise ConfigError(f"LoraConfig.method: {err.args[0]}") from None
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"LoraConfig.options must be a mapping of option -> value, got {self.options!r}")
+        try:
+            self.options = check_options(variant, dict(self.options), "LoraConfig.options")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     # -- PEFT's names, read back -------------------------------------------------------------------------
     @property
@@ -168,6 +194,11 @@ class LoraConfig:
 
     # -- PEFT's adapter_config.json ----------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
+        """adapter_config.json's fields, with PEFT's names: those of PEFT's config class of this method's peft_type
+        (LoraConfig for lora / dora, written by lora_peft_dict; the variant's own otherwise)."""
+        return variant_named(self.method).peft_config(self)
+
+    def lora_peft_dict(self) -> dict[str, Any]:
         """The fields PEFT's LoraConfig reads, with PEFT's names."""
         target = self.target_modules
         return {
@@ -203,7 +234,15 @@ class LoraConfig:
         """
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of PEFT config fields, got {type(data).__name__}")
-        kwargs = peft_file_kwargs(data, _field_names(), where=f"{where}: ")
+        peft_type = plain(data.get("peft_type")) or "LORA"
+        if peft_type == "LORA":
+            kwargs = peft_file_kwargs(data, _field_names(), where=f"{where}: ")
+        else:  # another peft_type: the variant that reads it maps PEFT's fields to lorakit's
+            readers = variants_for_peft_type(peft_type) if isinstance(peft_type, str) else []
+            if not readers:
+                known = sorted({cls.peft_type for cls in VARIANTS.values()})
+                raise ConfigError(f"{where}: peft_type {peft_type!r} is not supported (lorakit reads {', '.join(known)})")
+            kwargs = readers[0].config_from_peft(data, where)
         try:
             return cls(**kwargs)
         except ConfigError as err:
@@ -226,8 +265,8 @@ class LoraConfig:
 
     @property
     def variant(self) -> str:
-        """The name of the adapter class in `lorakit.variants.VARIANTS` this config builds."""
-        return "dora" if self.use_dora else "lora"
+        """The name of the adapter class in `lorakit.variants.VARIANTS` this config builds (= method)."""
+        return self.method
 
     @property
     def pissa_niter(self) -> int | None:

@@ -39,6 +39,10 @@ class LayerKind:
     is_linear: bool = False  # counted by "all-linear"
     uses_dropout: bool = True
     fan_in_fan_out: bool = False
+    weight_layout: str = "dk"  # the weight's rows: "dk" = (d out, k in, *kernel), "kd" = (k, d) (GPT-2, embeddings)
+    channel_axis: int = -1  # the output's axis of the d channels (1 for convolutions: (N, d, *spatial))
+    lookup: bool = False  # an embedding table: inputs are ids whose rows are looked up, not multiplied
+    zero_factor: str = "B"  # the factor that starts at zero (PEFT: "A" for embeddings, whose B is the random one)
     # the whole adapted layer in one op (base + one adapter), or None: see ops.lora.lora_linear
     fused: Callable[[nn.Module, Tensor, Tensor, Tensor, float, float], Tensor | None] | None = None
     # quantised bases (QLoRA) only: the dense weight (d, k) in a dtype (None: the compute dtype), and the tensor
@@ -117,6 +121,7 @@ CONV1D_GPT2 = LayerKind(
     peft_keys=("lora_A.weight", "lora_B.weight"),
     is_linear=True,
     fan_in_fan_out=True,
+    weight_layout="kd",
     fused=_conv1d_fused,
 )
 
@@ -128,6 +133,9 @@ EMBEDDING = LayerKind(
     to_weight_layout=_transpose,  # ΔW (dim, num) -> weight (num, dim)
     peft_keys=("lora_embedding_A", "lora_embedding_B"),
     uses_dropout=False,
+    weight_layout="kd",
+    lookup=True,
+    zero_factor="A",
 )
 
 
@@ -143,6 +151,7 @@ CONV = LayerKind(
     add_delta=_conv_add,
     to_weight_layout=_identity,
     peft_keys=("lora_A.weight", "lora_B.weight"),
+    channel_axis=1,
 )
 
 def _nf4_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:

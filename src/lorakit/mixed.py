@@ -91,20 +91,19 @@ def _adapter_key(adapter: LoraAdapter | None) -> tuple[Any, ...] | None:
 
 
 def _check_adapter(layer: LoraLayer, name: str, adapter: nn.Module) -> None:
-    if not isinstance(adapter, LoraAdapter) or adapter.needs_base_output or (
-        type(adapter).add_to_output is not LoraAdapter.add_to_output
-    ):
+    if not getattr(adapter, "abilities", None) or not adapter.abilities.mixed_batches:
         raise ConfigError(
-            f"adapter {name!r} on module {layer.path!r} is a {type(adapter).__name__}: mixed batches support "
-            f"plain LoRA adapters only (DoRA and other variants: set_active() and one adapter per call)"
+            f"adapter {name!r} on module {layer.path!r} is a {type(adapter).__name__} (method "
+            f"{getattr(adapter, 'name', '?')!r}), which cannot take part in a mixed batch (its update is not a "
+            f"plain s B A); use set_active() and one adapter per call"
         )
     kind = layer.kind
-    if not (kind.is_linear or kind.name == "embedding"):
+    if not (kind.is_linear or kind.lookup):
         raise TargetError(
             f"module {layer.path!r} ({kind.name}) cannot take a different adapter per row: mixed batches "
             f"support Linear, GPT-2 Conv1D and Embedding layers"
         )
-    if kind.name == "embedding" and getattr(layer.base_layer, "max_norm", None) is not None:
+    if kind.lookup and getattr(layer.base_layer, "max_norm", None) is not None:
         raise TargetError(f"module {layer.path!r}: an embedding with max_norm cannot be used in a mixed batch")
 
 
@@ -127,7 +126,7 @@ def _layer_stack(layer: LoraLayer, names: tuple[str, ...]) -> _LayerStack:
         dtype = present[0].lora_A.dtype
         for adapter in present:
             dtype = torch.promote_types(dtype, adapter.lora_A.dtype)
-        a_stack, bt_stack = stack_factors(factors, dtype, transpose_a=layer.kind.name == "embedding")
+        a_stack, bt_stack = stack_factors(factors, dtype, transpose_a=layer.kind.lookup)
     stack = _LayerStack(key, a_stack, bt_stack)
     layer.__dict__[_STACK] = stack
     return stack
@@ -162,7 +161,7 @@ def mixed_layer_forward(layer: LoraLayer, routing: Routing, x: torch.Tensor, *ar
     )
     target3 = target.view(n, -1, d)  # (N, T, d)
     with torch.autocast(x.device.type, enabled=False):
-        if layer.kind.name == "embedding":
+        if layer.kind.lookup:
             embedding_rows_add_(target3, x.reshape(n, -1), a_stack, bt_stack, slots)
         else:
             x3 = x.reshape(n, -1, x.shape[-1]).to(compute)  # (N, T, k)

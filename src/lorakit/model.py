@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterNameError, ConfigError, MergeError
+from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .integrations import save_pretrained as _save_pretrained
 from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
@@ -125,17 +125,18 @@ def attach_at(
     from_base = config.residual_init and init_from_base
     if from_base:
         check_residual_targets(model, config, paths)  # before any weight changes
+    shared = adapter_cls.prepare(model, config, name, paths)  # state all its layers share (VeRA), or None
     for path in paths:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
             module = LoraLayer(module, check_supported(module, path), path)
             _replace_module(model, path, module)
         base = module.base_layer
+        if adapter_cls.kinds is not None and module.kind.name not in adapter_cls.kinds:
+            raise TargetError(f"module {path!r} ({module.kind.name}) cannot take a {config.method} adapter (it "
+                              f"supports {', '.join(sorted(adapter_cls.kinds))} layers); exclude it from the targets")
         dtype = weight_dtype(base, module.kind) if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
-        init = "kaiming" if config.residual_init else config.init  # PiSSA / OLoRA: A, B set from W0 or the file
-        adapter = adapter_cls(
-            module.kind, base, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype
-        )
+        adapter = adapter_cls.build(module.kind, base, config, path, dtype, shared)
         if from_base:
             apply_residual_init(base, adapter, config)  # PiSSA / OLoRA: A, B from W0; the base keeps the residual
         adapter.train(model.training)
@@ -190,7 +191,7 @@ def lora_fa_frozen_factor(adapter: nn.Module) -> nn.Parameter:
     Embeddings are the exception: there A starts at zero and B is the random one (PEFT's init), so B stays
     frozen and A trains; freezing a zero A would keep the update at zero forever.
     """
-    return adapter.lora_B if adapter.kind.name == "embedding" else adapter.lora_A
+    return adapter.frozen_factor()
 
 
 def set_trainable(model: nn.Module, name: str, trainable: bool) -> None:

@@ -60,11 +60,12 @@ def loraplus_param_groups(
             seen.add(id(param))
             groups[group].append(param)
 
+    roles = {"A": "lora_A", "B": "lora_B", "embedding": "embedding"}  # the variant's roles (param_groups)
     for layer in lora_layers(model):
         for adapter in layer.adapters.values():
-            embedding = adapter.kind.name == "embedding"
-            put("embedding" if embedding else "lora_A", adapter.lora_A)
-            put("embedding" if embedding else "lora_B", adapter.lora_B)
+            for role, params in adapter.param_groups().items():
+                for param in params:
+                    put(roles.get(role, "other" if param.dim() >= 2 else "other_no_decay"), param)
     if not (groups["lora_A"] or groups["lora_B"] or groups["embedding"]):
         raise ConfigError(
             "loraplus: the model has no trainable adapter parameters (lora_A / lora_B); attach() an adapter "

@@ -31,7 +31,7 @@ from .io.files import CONFIG_NAME, read_config, read_weights
 from .io.peft import _IGNORED_INFIXES, PREFIX, adapter_state
 from .layers import LoraLayer
 from .names import check_adapter_name
-from .variants import DoraAdapter, LoraAdapter
+from .variants import LoraAdapter, variant_named
 
 
 @dataclass
@@ -99,6 +99,9 @@ def _check_swappable(model: nn.Module, name: str, verb: str) -> LoraConfig:
         ConfigError: a PiSSA / OLoRA adapter (its base holds the residual W0 - s B0 A0, tied to its own A0, B0).
     """
     config = M.get_config(model, name)
+    if not variant_named(config.method).abilities.hot_swap:
+        raise ConfigError(f"{verb}: adapter {name!r} is a {config.method} adapter, which cannot be swapped in place "
+                          f"(its tensors are not a padded low-rank pair); load_adapter() each file under its own name")
     if config.residual_init:
         raise ConfigError(
             f"{verb}: adapter {name!r} has init={config.init!r}: its base weights hold the residual W0 - s B0 A0 "
@@ -209,10 +212,11 @@ def _read_config(path: Path, name: str) -> tuple[Path, LoraConfig]:
 
 def _check_configs(old: LoraConfig, new: LoraConfig, where: Path, name: str) -> None:
     """The file's config fields a swap cannot change: the variant, the init's base, the biases the adapter owns."""
-    if new.use_dora != old.use_dora:
+    if new.method != old.method:
         raise AdapterFileError(
-            f"{where}: use_dora={new.use_dora} in the file, but adapter {name!r} has use_dora={old.use_dora}; a "
-            f"swap keeps the adapter's variant: load_adapter() this file under another name instead"
+            f"{where}: method {new.method!r} in the file (use_dora={new.use_dora}), but adapter {name!r} has method "
+            f"{old.method!r} (use_dora={old.use_dora}); a swap keeps the adapter's variant: load_adapter() this file "
+            f"under another name instead"
         )
     if new.residual_init:
         raise AdapterFileError(
@@ -332,5 +336,5 @@ def _write_extras(adapter: LoraAdapter, update: _LayerUpdate) -> None:
     if update.tensors is not None:
         for suffix, target in update.extras.items():
             target.copy_(update.tensors[suffix])  # a view of the parameter (DoRA: m shaped as PEFT stores it)
-    elif isinstance(adapter, DoraAdapter):
-        adapter.lora_magnitude_vector.copy_(adapter.norm(update.base, eps=0.0))
+    else:
+        adapter.reset_extras(update.base)

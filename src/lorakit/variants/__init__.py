@@ -1,26 +1,29 @@
-"""Variant registry: one file per variant, registered once; the contract tests run over every entry.
+"""Variant registry: one file per variant, registered once here; the contract tests run over every entry.
 
-A variant is an nn.Module holding one adapter's tensors for one layer, with:
-  add_to_output(base_layer, x, out) -> out + the adapter's contribution (`needs_base_output` variants also
-      get base_out=, the base layer's own output)
-  fused_forward(base_layer, x) -> the whole adapted layer in one op, or None
-  delta_weight(base_layer) -> W' - W0 in the base weight's layout, fp32
-  merge_into(base_layer) / unmerge_from(base_layer) -> write W' into the weight / restore W0
-  peft_tensors() -> {PEFT key suffix: tensor}, what goes into / comes out of adapter files
+The protocol every variant declares and implements is lorakit.variants.protocol (Abilities, Option, Adapter);
+the registry is lorakit.variants.registry. A variant is an nn.Module holding one adapter's tensors for one layer.
 """
 
 from __future__ import annotations
 
-from ..config import LoraConfig
+from typing import TYPE_CHECKING
+
 from .dora import DoraAdapter
 from .lora import LoraAdapter
+from .protocol import Abilities, Adapter, Option, TrainingHook, VariantClass
+from .registry import VARIANTS, register_variant, variant_named, variants_for_peft_type
 
-VARIANTS: dict[str, type[LoraAdapter]] = {"lora": LoraAdapter, "dora": DoraAdapter}
+if TYPE_CHECKING:
+    from ..config import LoraConfig
+
+register_variant(LoraAdapter)
+register_variant(DoraAdapter)
 
 
-def variant_for(config: LoraConfig) -> type[LoraAdapter]:
-    """The adapter class for `config` (`config.variant`: "dora" with use_dora=True, else "lora")."""
-    return VARIANTS[config.variant]
+def variant_for(config: LoraConfig) -> VariantClass:
+    """The adapter class `config` builds (`config.method`: "lora", "dora" with use_dora=True, ...)."""
+    return variant_named(config.method)
 
 
-__all__ = ["VARIANTS", "DoraAdapter", "LoraAdapter", "variant_for"]
+__all__ = ["VARIANTS", "Abilities", "Adapter", "DoraAdapter", "LoraAdapter", "Option", "TrainingHook",
+           "VariantClass", "register_variant", "variant_for", "variant_named", "variants_for_peft_type"]

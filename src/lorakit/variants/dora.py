@@ -10,7 +10,7 @@ per embedding dimension for nn.Embedding, per output channel for convolutions).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,16 +18,16 @@ from torch import nn
 from ..layer_kinds import LayerKind
 from ..ops.dora import NORM_EPS, dora_linear, dora_merged_weight, dora_norm, row_norms_sq, weight_rows
 from .lora import LoraAdapter
-
-# how each layer kind stores its weight relative to DoRA's rows: "dk" = (d, k, ...), "kd" = (k, d)
-_LAYOUTS = {"linear": "dk", "conv": "dk", "conv1d_gpt2": "kd", "embedding": "kd", "nf4_linear": "dk",
-            "bnb_linear4bit": "dk"}
+from .protocol import Abilities
 
 
 class DoraAdapter(LoraAdapter):
     """One DoRA adapter on one layer: `lora_A`, `lora_B` as LoRA, plus `lora_magnitude_vector` m (d,)."""
 
-    needs_base_output = True  # add_to_output needs the base layer's own output, not one with adapters added
+    name: ClassVar[str] = "dora"
+    # the update is not s B A (the magnitude rescales rows): no factor-wise combine / SVD, no stacked mixed batches;
+    # add_to_output needs the base layer's own output, not one with adapters added; vLLM has no DoRA
+    abilities: ClassVar[Abilities] = Abilities(low_rank=False, mixed_batches=False, vllm=False, needs_base_output=True)
 
     def __init__(
         self,
@@ -40,7 +40,7 @@ class DoraAdapter(LoraAdapter):
         dtype: torch.dtype,
     ) -> None:
         super().__init__(kind, base_layer, r, scale, dropout, init, dtype)
-        self.layout = _LAYOUTS[kind.name]
+        self.layout = kind.weight_layout
         self._w0_sq: tuple[Any, torch.Tensor] | None = None  # ((version, data_ptr), ||W0_i||²)
         self._norm_cache: tuple[Any, torch.Tensor] | None = None  # (versions of W0, A, B and s, n): inference only
         self._merged_c: torch.Tensor | None = None  # c at merge time (unmerge divides by it)
@@ -59,7 +59,7 @@ class DoraAdapter(LoraAdapter):
     def rebase(self, kind: LayerKind) -> None:
         """A new base of the same shape: new layout, and ||W0_i||² is recomputed from it on the next use."""
         super().rebase(kind)
-        self.layout = _LAYOUTS[kind.name]
+        self.layout = kind.weight_layout
         self._w0_sq = None
         self._norm_cache = None
 
@@ -94,7 +94,7 @@ class DoraAdapter(LoraAdapter):
 
     def _channel_view(self, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """c shaped to broadcast over `out`: along the last axis, or axis 1 for convolutions."""
-        if self.kind.name == "conv":
+        if self.kind.channel_axis == 1:
             return c.view(1, -1, *([1] * (out.dim() - 2)))
         return c
 
@@ -117,7 +117,7 @@ class DoraAdapter(LoraAdapter):
         p = self.dropout if self.training else 0.0
         lora = self.kind.add_delta(base_layer, x, torch.zeros_like(out), self.lora_A, self.lora_B, self.scale, p)
         c = self._channel_view(self.lora_magnitude_vector / self.norm(base_layer), out)
-        bias = getattr(base_layer, "bias", None) if self.kind.name != "embedding" else None
+        bias = getattr(base_layer, "bias", None) if not self.kind.lookup else None
         pure = base_out if bias is None else base_out - self._channel_view(bias, out)
         return (out + (c - 1) * pure + c * lora).to(out.dtype)
 
@@ -154,9 +154,18 @@ class DoraAdapter(LoraAdapter):
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """LoRA's keys plus `lora_magnitude_vector` ((d,); PEFT stores a convolution's as (1, d, 1, ...))."""
         mag = self.lora_magnitude_vector
-        if self.kind.name == "conv":
+        if self.kind.channel_axis == 1:
             mag = mag.view(1, -1, *([1] * (self.lora_A.dim() - 2)))
         return {**super().peft_tensors(), "lora_magnitude_vector": mag}
+
+    @torch.no_grad()
+    def reset_extras(self, base_layer: nn.Module) -> None:
+        """m = ||W0||_row: with B = 0 the adapter is the base layer (lorakit.swap, for a module a file lacks)."""
+        self.lora_magnitude_vector.copy_(self.norm(base_layer, eps=0.0))
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """LoRA's groups, and the magnitude m in "other"."""
+        return {**super().param_groups(), "other": [self.lora_magnitude_vector]}
 
     def extra_repr(self) -> str:
         return "dora, " + super().extra_repr()

@@ -5,11 +5,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, ClassVar
+
 import torch
 from torch import nn
 
 from ..layer_kinds import LayerKind
 from ..ops.lora import init_lora_A, lora_delta_weight
+from .protocol import Abilities, Option, TrainingHook
+
+if TYPE_CHECKING:
+    from ..config import LoraConfig
 
 
 @torch.no_grad()
@@ -22,10 +28,51 @@ def add_into(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> None:
 
 
 class LoraAdapter(nn.Module):
-    """One LoRA adapter on one layer: parameters `lora_A`, `lora_B`; scale s and dropout p."""
+    """One LoRA adapter on one layer: parameters `lora_A`, `lora_B`; scale s and dropout p.
 
-    needs_base_output = False  # add_to_output works on any running sum (it adds s B A dropout(x) in place)
+    The reference implementation of lorakit.variants.protocol: its declarations and class hooks are the defaults
+    a variant that subclasses it inherits."""
+
+    name: ClassVar[str] = "lora"
+    peft_type: ClassVar[str] = "LORA"
+    abilities: ClassVar[Abilities] = Abilities()
+    options: ClassVar[dict[str, Option]] = {}
+    kinds: ClassVar[frozenset[str] | None] = None  # every registered layer kind
     swap_slot = None  # lorakit.swap.SwapSlot once padded / swapped: the true rank and the gain folded into B
+
+    # -- class hooks of the protocol -----------------------------------------------------------------------
+    @classmethod
+    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+              shared: Any) -> LoraAdapter:
+        """The adapter of `config` on the layer at `path` (`shared`: what `prepare` returned)."""
+        init = "kaiming" if config.residual_init else config.init  # PiSSA / OLoRA: A, B set from W0 or the file
+        return cls(kind, base_layer, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype)
+
+    @classmethod
+    def prepare(cls, model: nn.Module, config: LoraConfig, name: str, paths: list[str]) -> Any:
+        """Called once by attach before the adapters of `paths` are built: state shared by all of them (None)."""
+        return None
+
+    @classmethod
+    def training_hook(cls, model: nn.Module, name: str) -> TrainingHook | None:
+        """What a training loop calls around the optimizer step for adapter `name` of `model` (None: nothing)."""
+        return None
+
+    @classmethod
+    def peft_config(cls, config: LoraConfig) -> dict[str, Any]:
+        """adapter_config.json's fields for `config` (PEFT's names)."""
+        return config.lora_peft_dict()
+
+    @classmethod
+    def config_from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]:
+        """LoraConfig's constructor arguments from an adapter_config.json of this variant's peft_type (LORA files
+        are read by LoraConfig.from_peft_dict itself; other types override this)."""
+        raise NotImplementedError(f"{where}: {cls.__name__} reads no peft_type of its own")
+
+    @property
+    def needs_base_output(self) -> bool:
+        """abilities.needs_base_output (add_to_output wants the base layer's own output)."""
+        return self.abilities.needs_base_output
 
     def __init__(
         self,
@@ -46,7 +93,7 @@ class LoraAdapter(nn.Module):
         self.dropout = dropout if kind.uses_dropout else 0.0
         self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(shape_b, dtype=dtype, device=device))
-        if kind.name == "embedding":  # PEFT: embedding A starts at zero, B random (normal), same zero delta
+        if kind.zero_factor == "A":  # PEFT: embedding A starts at zero, B random (normal), same zero delta
             nn.init.normal_(self.lora_B)
             with torch.no_grad():
                 self.lora_A.zero_()
@@ -57,8 +104,9 @@ class LoraAdapter(nn.Module):
                 init_lora_A(self.lora_A, "kaiming", r)
                 self.lora_B.normal_(0.0, 0.02)
 
-    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + s · B A dropout(x); dropout only in training mode."""
+    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
+                      base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """out + s · B A dropout(x); dropout only in training mode (base_out is not needed)."""
         p = self.dropout if self.training else 0.0
         return self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
 
@@ -93,6 +141,22 @@ class LoraAdapter(nn.Module):
             lora_A, lora_B = lora_A[: slot.rank], lora_B[:, : slot.rank]
             lora_B = lora_B if slot.gain == 1.0 else lora_B / slot.gain
         return {key_a: lora_A, key_b: lora_B}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """"A" and "B" (LoRA+: B at ratio x the learning rate; LoRA-FA freezes the random one, "A"); an embedding
+        adapter's two factors are one "embedding" group (LoRA+ gives them their own learning rate)."""
+        if self.kind.lookup:
+            return {"embedding": [self.lora_A, self.lora_B]}
+        return {"A": [self.lora_A], "B": [self.lora_B]}
+
+    def reset_extras(self, base_layer: nn.Module) -> None:
+        """Set the tensors beyond A and B to what makes the adapter the identity while B = 0 (LoRA has none)."""
+
+    def frozen_factor(self) -> nn.Parameter:
+        """The factor LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) keeps frozen at its random init: A, or on a
+        layer kind whose A starts at zero (an embedding: PEFT's init), B; freezing a zero factor would keep the
+        update at zero forever."""
+        return self.lora_B if self.kind.zero_factor == "A" else self.lora_A
 
     def extra_repr(self) -> str:
         return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
