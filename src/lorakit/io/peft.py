@@ -12,7 +12,7 @@ An adapter not named "default" is saved in <dir>/<name>/, as PEFT does.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -24,6 +24,8 @@ from ..errors import AdapterFileError, AdapterNameError, ConfigError, ShapeMisma
 from ..layers import LoraLayer, SavedModule
 from ..names import check_adapter_name
 from ..targeting import is_target, iter_candidate_modules, output_head_names
+from ..variants import variant_for
+from ..variants.registry import file_key_suffixes
 from . import checks, residual, vllm
 from .files import (
     CONFIG_NAME,
@@ -55,6 +57,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name in layer.adapters:
             for suffix, tensor in layer.adapters[name].peft_tensors().items():
                 state[f"{PREFIX}{layer.path}.{suffix}"] = tensor
+    state.update(variant_for(config).shared_file_tensors(model, name))
     for saved in M.saved_modules(model):
         if name in saved.copies:
             for pname, tensor in saved.copies[name].state_dict(keep_vars=True).items():
@@ -158,17 +161,20 @@ def values_in(
     return {k: state_dict.get(model_key.get(id(t), ""), t) for k, t in state.items()}
 
 
-def _module_paths_in(keys: list[str], where: Path) -> list[str]:
-    suffixes = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+def _module_paths_in(keys: list[str], where: Path, shared: Collection[str] = ()) -> list[str]:
+    suffixes = tuple(f".{suffix}" for suffix in file_key_suffixes())  # what every registered variant writes
     paths: list[str] = []
     for key in keys:
         if not key.startswith(PREFIX):
+            if key in shared:  # tensors shared by all layers (VeRA's projections): keys of their own
+                continue
             raise AdapterFileError(f"{where}: key {key!r} does not start with {PREFIX!r}: not a PEFT LoRA file")
         for suffix in suffixes:
             if key.endswith(suffix):
                 module = key[len(PREFIX):-len(suffix)]
                 if module not in paths:
                     paths.append(module)
+                break
     return paths
 
 

@@ -28,6 +28,7 @@ class DoraAdapter(LoraAdapter):
     # the update is not s B A (the magnitude rescales rows): no factor-wise combine / SVD, no stacked mixed batches;
     # add_to_output needs the base layer's own output, not one with adapters added; vLLM has no DoRA
     abilities: ClassVar[Abilities] = Abilities(low_rank=False, mixed_batches=False, vllm=False, needs_base_output=True)
+    file_keys: ClassVar[tuple[str, ...]] = (*LoraAdapter.file_keys, "lora_magnitude_vector")
 
     def __init__(
         self,

@@ -38,6 +38,8 @@ class LoraAdapter(nn.Module):
     abilities: ClassVar[Abilities] = Abilities()
     options: ClassVar[dict[str, Option]] = {}
     kinds: ClassVar[frozenset[str] | None] = None  # every registered layer kind
+    # every key suffix its peft_tensors() may return, on any layer kind (how a file's keys name their modules)
+    file_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     swap_slot = None  # lorakit.swap.SwapSlot once padded / swapped: the true rank and the gain folded into B
 
     # -- class hooks of the protocol -----------------------------------------------------------------------
@@ -57,6 +59,12 @@ class LoraAdapter(nn.Module):
     def training_hook(cls, model: nn.Module, name: str) -> TrainingHook | None:
         """What a training loop calls around the optimizer step for adapter `name` of `model` (None: nothing)."""
         return None
+
+    @classmethod
+    def shared_file_tensors(cls, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Tensors of adapter `name` shared by all its layers, under their full file keys (the live tensors: a load
+        copies into them); none for LoRA."""
+        return {}
 
     @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:

@@ -112,6 +112,7 @@ class VariantClass(Protocol):
     abilities: ClassVar[Abilities]
     options: ClassVar[dict[str, Option]]
     kinds: ClassVar[frozenset[str] | None]
+    file_keys: ClassVar[tuple[str, ...]]  # every key suffix its adapters' peft_tensors() may return
 
     @classmethod
     def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
@@ -122,6 +123,15 @@ class VariantClass(Protocol):
 
     @classmethod
     def training_hook(cls, model: nn.Module, name: str) -> TrainingHook | None: ...
+
+    @classmethod
+    def shared_file_tensors(cls, model: nn.Module, name: str) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def peft_config(cls, config: LoraConfig) -> dict[str, Any]: ...
+
+    @classmethod
+    def config_from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]: ...
 
 
 def check_options(variant: VariantClass, given: dict[str, Any], where: str) -> dict[str, Any]:

@@ -19,8 +19,8 @@ def register_variant(cls: Any) -> Any:
     Raises:
         ValueError: the name is taken by another class, or the class lacks a declaration of the protocol.
     """
-    for attr in ("name", "peft_type", "abilities", "options", "kinds", "build", "prepare", "training_hook",
-                 "peft_config", "config_from_peft"):
+    for attr in ("name", "peft_type", "abilities", "options", "kinds", "file_keys", "build", "prepare",
+                 "training_hook", "shared_file_tensors", "peft_config", "config_from_peft"):
         if not hasattr(cls, attr):
             raise ValueError(f"register_variant({cls.__name__}): the class does not declare {attr!r} (see "
                              "lorakit.variants.protocol)")
@@ -46,6 +46,13 @@ def variant_named(name: str) -> VariantClass:
 def variants_for_peft_type(peft_type: str) -> list[VariantClass]:
     """The registered classes whose files carry `peft_type` ("LORA": lora, dora, ...), in registration order."""
     return [cls for cls in VARIANTS.values() if cls.peft_type == peft_type]
+
+
+def file_key_suffixes() -> tuple[str, ...]:
+    """Every per-layer key suffix a registered variant writes, longest first (a file key's module path is what
+    precedes one of them)."""
+    suffixes = {suffix for cls in VARIANTS.values() for suffix in cls.file_keys}
+    return tuple(sorted(suffixes, key=lambda s: (-len(s), s)))
 
 
 __all__ = ["VARIANTS", "register_variant", "variant_named", "variants_for_peft_type"]
