@@ -1,5 +1,6 @@
 """lorakit: low-rank adaptation (LoRA and its family) for PyTorch and Hugging Face transformers models."""
 
+from .adapter_steps import training_hooks
 from .combine import combine, merge_combination
 from .config import LoraConfig
 from .errors import (
@@ -44,15 +45,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> object:
     """`lorakit.AdapterCheckpointCallback`, imported on first use (it imports transformers' Trainer machinery)."""
-    if name == "AdapterCheckpointCallback":
-        from .integrations.trainer import AdapterCheckpointCallback
+    if name in ("AdapterCheckpointCallback", "AdapterStepCallback"):
+        from .integrations import trainer
 
-        return AdapterCheckpointCallback
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "AdapterCheckpointCallback", "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
+    "AdapterCheckpointCallback", "AdapterStepCallback", "training_hooks", "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LorakitError", "MergeError",
     "LossyMergeWarning", "ModelDirError", "NF4Linear", "quantize",
     "ShapeMismatchError", "TargetError", "active_adapters", "adapter_names", "attach", "delete_adapter",
     "disabled", "get_config", "load_adapter", "load_model", "load_tokenizer", "loraplus_optimizer", "loraplus_param_groups", "merge", "merge_and_unload", "save_adapter", "set_active",

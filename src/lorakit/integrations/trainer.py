@@ -18,10 +18,32 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from ..adapter_steps import training_hooks
 from ..errors import ConfigError
 from ..io.files import atomic_write
 from ..model import adapter_names
 from .save_pretrained import trainable_state
+
+
+class AdapterStepCallback(TrainerCallback):
+    """Run the step hooks of the model's adapters (lorakit.training_hooks: AdaLoRA's rank allocation, Delta-LoRA's
+    update of W0) after each optimizer step of transformers' Trainer, with the gradients still present; nothing
+    for LoRA / DoRA. No manual call in the loop, unlike PEFT's `update_and_allocate`.
+
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[lorakit.AdapterStepCallback()])
+    """
+
+    def __init__(self) -> None:
+        self.hooks: list[Any] = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, **kwargs: Any) -> None:
+        self.hooks = training_hooks(model) if model is not None else []
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        for hook in self.hooks:
+            hook.after_optimizer_step(state.global_step + 1)  # global_step counts the steps already finished
 
 
 class AdapterCheckpointCallback(TrainerCallback):

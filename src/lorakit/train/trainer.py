@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import model as M
+from ..adapter_steps import training_hooks
 from ..distributed import fsdp
 from ..distributed.ddp import sync_context, wrap_ddp
 from ..distributed.env import Dist
@@ -127,6 +128,7 @@ class Trainer:
         self._extra: dict[str, Any] = {}
         self.progress = Progress(bar=cfg.progress)
         self.callbacks = self._default_callbacks(callbacks or [])
+        self.step_hooks = training_hooks(model)  # variants acting after the optimizer step (AdaLoRA, Delta-LoRA)
         # what forward runs through: DDP all-reduces the gradients; a sharded model reduce-scatters its own
         self.train_model = model if self.sharded else wrap_ddp(model, self.dist)
 
@@ -306,6 +308,8 @@ class Trainer:
         if precision.optimizer_step(self.scaler, self.optimizer):
             self.scheduler.step()  # as transformers' Trainer: a skipped step does not advance the schedule
             self._skipped = 0
+            for hook in self.step_hooks:  # the gradients still present (AdaLoRA's importance reads them)
+                hook.after_optimizer_step(step)
         else:
             self._skipped += 1
             if precision.scale_collapsed(self.scaler.get_scale()):
