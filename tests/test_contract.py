@@ -64,8 +64,19 @@ def _type_id(cls: type) -> str:
     return f"{cls.__module__.split('.')[0]}.{cls.__name__}"
 
 
+def supports(variant: str, cls: type) -> bool:
+    """Whether the variant declares the layer kind of `cls` (its `kinds`; None: every kind)."""
+    kinds = VARIANTS[variant].kinds
+    return kinds is None or LAYER_KINDS[cls].name in kinds
+
+
 CASES = [
-    pytest.param(cls, variant, id=f"{_type_id(cls)}-{variant}") for cls in LAYER_TYPES for variant in VARIANT_NAMES
+    pytest.param(cls, variant, id=f"{_type_id(cls)}-{variant}")
+    for cls in LAYER_TYPES for variant in VARIANT_NAMES if supports(variant, cls)
+]
+UNSUPPORTED = [
+    pytest.param(cls, variant, id=f"{_type_id(cls)}-{variant}")
+    for cls in LAYER_TYPES for variant in VARIANT_NAMES if not supports(variant, cls)
 ]
 
 
@@ -130,6 +141,39 @@ def test_every_registered_layer_type_has_a_factory() -> None:
     assert expected <= set(LAYER_KINDS)
     if HFConv1D is not None:
         assert HFConv1D in LAYER_KINDS
+
+
+@pytest.mark.parametrize(("cls", "variant"), UNSUPPORTED or [pytest.param(None, None, marks=pytest.mark.skip(
+    reason="every registered variant supports every layer kind"))])
+def test_an_undeclared_layer_kind_is_refused_by_name(cls: type, variant: str) -> None:
+    net, _ = build(cls)
+    with pytest.raises(lorakit.TargetError, match=f"module 'layer' .*cannot take a {variant} adapter"):
+        lorakit.attach(net, _config(variant))
+    assert type(net.layer) is cls  # refused before the model changed
+
+
+@pytest.mark.parametrize(("cls", "variant"), CASES)
+def test_a_low_rank_variant_is_s_b_a_of_its_factors(cls: type, variant: str) -> None:
+    """abilities.low_rank is what combine, mixed batches and vLLM rely on: delta_weight == s B A (weight layout)."""
+    net, _ = build(cls)
+    attach(net, variant, init="random")
+    adapter = net.layer.adapters["default"]
+    if not adapter.abilities.low_rank:
+        pytest.skip(f"{variant} declares low_rank=False")
+    a, b = adapter.lora_A.detach().float(), adapter.lora_B.detach().float()
+    expected = adapter.scale * (b.flatten(1) @ a.flatten(1))
+    expected = net.layer.kind.to_weight_layout(expected.view(b.shape[0], *a.shape[1:]))
+    torch.testing.assert_close(adapter.delta_weight(net.layer.base_layer), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_every_registered_variant_declares_the_protocol() -> None:
+    from lorakit.variants.protocol import Abilities
+
+    for name, variant in VARIANTS.items():
+        assert variant.name == name and isinstance(variant.abilities, Abilities)
+        assert variant.peft_type.isupper() and variant.file_keys
+        assert all(hasattr(variant, hook) for hook in ("build", "prepare", "training_hook", "peft_config",
+                                                         "config_from_peft", "shared_file_tensors"))
 
 
 def test_every_variant_has_a_config() -> None:
