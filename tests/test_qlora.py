@@ -71,12 +71,14 @@ def test_lora_on_nf4_runs_as_one_fused_op(monkeypatch):
     """LoRA on an NF4Linear is one op (ops.lora.lora_linear with W0 dequantised on demand), not the base layer's
     forward followed by the adapter; dropout draws the same masks as on a dense layer."""
     import lorakit.layer_kinds as kinds
+    import lorakit.quant.kinds as quant_kinds
 
     nf4, dense = _nf4_and_dense()
     _attach_same((nf4, dense), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", dropout=0.2))
     calls = []
     real = kinds.lora_linear
     monkeypatch.setattr(kinds, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(quant_kinds, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(NF4Linear, "forward", lambda self, x: pytest.fail("NF4Linear.forward ran"))
     ids = token_ids(2, 9)
     outs = []

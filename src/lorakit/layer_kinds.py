@@ -7,16 +7,14 @@ work). A kind knows the adapter shapes, how to add s · B A x to the layer's out
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ops.lora import lora_linear, lora_linear_add
-from .quant.linear import NF4Linear
 
 try:  # GPT-2 style fused projections: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D as HFConv1D
@@ -49,6 +47,11 @@ class LayerKind:
     # holding the codes (its identity and version change exactly when the weight does). None: a float weight
     dequantize: Callable[[nn.Module, torch.dtype | None], Tensor] | None = None
     storage: Callable[[nn.Module], Tensor] | None = None
+    # quantised bases: replace the codes by those of a dense weight, returning (the weight read back, a restore);
+    # and how a LoraLayer merges / unmerges adapters into such a base (lorakit.quant.merge: by re-quantising)
+    requantize: Callable[[nn.Module, Tensor], tuple[Tensor, Callable[[], None]]] | None = None
+    merge_adapters: Callable[[nn.Module, list[str]], dict[str, float] | None] | None = None
+    unmerge_adapters: Callable[[nn.Module], None] | None = None
 
     def __reduce__(self) -> tuple[Callable[[str], LayerKind], tuple[str]]:
         """Pickle and deepcopy by name: a model's kinds stay the registry's singletons (`kind is CONV` holds)."""
@@ -154,46 +157,8 @@ CONV = LayerKind(
     channel_axis=1,
 )
 
-def _nf4_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
-    if type(base) is not NF4Linear:
-        return None
-    bias = None if base.bias is None else base.bias.to(base.compute_dtype)
-    return lora_linear(x, base.dequantize, bias, a, b, s, p, weight_dtype=base.compute_dtype)
-
-
-# quantised Linear layers: LINEAR's adapter geometry and a way to read the weight back. NF4Linear has a fused op
-# (W0 dequantised in forward and again in backward); bitsandbytes' Linear4bit runs its own forward, then the adapter
-NF4_LINEAR = replace(
-    LINEAR,
-    name="nf4_linear",
-    fused=_nf4_fused,
-    dequantize=lambda m, dtype: m.dequantize(dtype),
-    storage=lambda m: m.packed,
-)
-
-
-def _bnb_dequantize(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
-    """bitsandbytes Linear4bit's weight (d, k), dequantised by bitsandbytes itself (what its forward multiplies by)."""
-    import bitsandbytes.functional as bnb_f
-
-    param = module.weight
-    if getattr(param.quant_state, "packing_format_for_cpu", False):  # set by an eval-mode forward on an AVX512 CPU
-        param.data, param.quant_state = bnb_f._convert_weight_packed_for_cpu_inverse(param.data, param.quant_state)
-    weight = bnb_f.dequantize_4bit(param.data, param.quant_state)
-    return weight.to(dtype or weight_dtype(module))
-
-
-BNB_LINEAR4BIT = replace(
-    LINEAR,
-    name="bnb_linear4bit",
-    fused=None,
-    dequantize=_bnb_dequantize,
-    storage=lambda m: m.weight,
-)
-
 LAYER_KINDS: dict[type, LayerKind] = {
     nn.Linear: LINEAR,
-    NF4Linear: NF4_LINEAR,
     nn.Embedding: EMBEDDING,
     nn.Conv1d: CONV,
     nn.Conv2d: CONV,
@@ -203,15 +168,34 @@ if HFConv1D is not None:
     LAYER_KINDS[HFConv1D] = CONV1D_GPT2
 
 
-def _register_bitsandbytes() -> None:
-    """Register bitsandbytes' Linear4bit once bitsandbytes is imported (a model holding one has imported it).
+_FINDERS: list[Callable[[], None]] = []  # called before a lookup: register types of packages imported since
+_NAMED: dict[str, LayerKind] = {}  # every kind ever registered, by name (pickle finds them again)
 
-    lorakit never imports bitsandbytes itself; Linear4bit subclasses nn.Linear, so it must be known before a
-    lookup would take it for a plain Linear."""
-    bnb = sys.modules.get("bitsandbytes")
-    linear4bit = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
-    if linear4bit is not None and linear4bit not in LAYER_KINDS:
-        LAYER_KINDS[linear4bit] = BNB_LINEAR4BIT
+
+def register_kind(cls: type | None, kind: LayerKind) -> LayerKind:
+    """Make `kind` the LayerKind of module type `cls` (and its subclasses); `cls` None: known by name only, until a
+    finder registers its type (e.g. bitsandbytes' Linear4bit once bitsandbytes is imported). Returns `kind`.
+
+    Quantised kinds register themselves from lorakit.quant, so this module imports nothing of it."""
+    _NAMED[kind.name] = kind
+    if cls is not None:
+        LAYER_KINDS[cls] = kind
+    return kind
+
+
+def register_finder(finder: Callable[[], None]) -> None:
+    """Call `finder` before each lookup: it registers types that exist only once a package is imported."""
+    if finder not in _FINDERS:
+        _FINDERS.append(finder)
+
+
+def _find() -> None:
+    for finder in _FINDERS:
+        finder()
+
+
+for _cls, _kind in list(LAYER_KINDS.items()):
+    register_kind(_cls, _kind)
 
 
 def weight_dtype(module: nn.Module, kind: LayerKind | None = None) -> torch.dtype:
@@ -232,16 +216,15 @@ def kind_named(name: str) -> LayerKind:
     Raises:
         KeyError: no registered kind has that name.
     """
-    _register_bitsandbytes()
-    for kind in (*LAYER_KINDS.values(), BNB_LINEAR4BIT):
-        if kind.name == name:
-            return kind
+    _find()
+    if name in _NAMED:
+        return _NAMED[name]
     raise KeyError(f"no lorakit layer kind named {name!r}")
 
 
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The LayerKind of `module` (its own type or nearest registered base class), or None."""
-    _register_bitsandbytes()
+    _find()
     for cls in type(module).__mro__:
         kind = LAYER_KINDS.get(cls)
         if kind is not None:

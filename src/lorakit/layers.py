@@ -126,10 +126,8 @@ class LoraLayer(_Wrapper):
 
         A quantised base (QLoRA) is re-quantised once with all of them (lossy; quant.merge): returns the error
         that introduces. None for a float base."""
-        if self.kind.quantized:
-            from .quant.merge import merge_requantized
-
-            return merge_requantized(self, names)
+        if self.kind.merge_adapters is not None:  # a quantised base: the kind re-quantises (lorakit.quant.kinds)
+            return self.kind.merge_adapters(self, names)
         for name in names:
             if name in self.merged or name not in self.adapters:
                 continue
@@ -139,10 +137,8 @@ class LoraLayer(_Wrapper):
 
     def unmerge(self) -> None:
         """Undo the merges, last merged first (a quantised base gets its codes from before the merge back)."""
-        if self.kind.quantized:
-            from .quant.merge import unmerge_requantized
-
-            unmerge_requantized(self)
+        if self.kind.unmerge_adapters is not None:
+            self.kind.unmerge_adapters(self)
             return
         while self.merged:
             self.adapters[self.merged.pop()].unmerge_from(self.base_layer)

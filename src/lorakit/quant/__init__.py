@@ -1,5 +1,6 @@
 """Quantised base weights for QLoRA: NF4 storage (pure PyTorch, bit-compatible with bitsandbytes) and NF4Linear."""
 
+from . import kinds as _kinds  # noqa: F401  (registers the quantised layer kinds in lorakit.layer_kinds)
 from .linear import NF4Linear, check_compute_dtype, quantize
 from .nf4 import (
     DYNAMIC_CODE,

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TargetError
+from ..layer_kinds import check_supported
+from ..layers import LoraLayer, SavedModule
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -153,9 +155,6 @@ def quantize(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype = to
         ConfigError: an unknown format, or a compute dtype that is unsupported or unusable on the layer's device.
         TargetError: the model is itself an nn.Linear, or an adapter is merged into a layer to quantise.
     """
-    from ..layer_kinds import NF4_LINEAR
-    from ..layers import LoraLayer, SavedModule
-
     if fmt != "nf4":
         raise ConfigError(f"quantize: unknown format {fmt!r}; expected 'nf4'")
     if isinstance(model, nn.Linear):
@@ -177,9 +176,10 @@ def quantize(model: nn.Module, fmt: str = "nf4", compute_dtype: torch.dtype = to
             checked.add(linear.weight.device)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear.from_linear(linear, compute_dtype, blocksize, double_quant))
+        nf4 = NF4Linear.from_linear(linear, compute_dtype, blocksize, double_quant)
+        setattr(parent, child, nf4)
         if isinstance(parent, LoraLayer):  # a base layer under adapters: they now act on an NF4 base
-            parent.kind = NF4_LINEAR
+            parent.kind = check_supported(nf4, parent.path)  # lorakit.quant.kinds registered NF4Linear's kind
             for adapter in parent.adapters.values():
-                adapter.rebase(NF4_LINEAR)
+                adapter.rebase(parent.kind)
     return model

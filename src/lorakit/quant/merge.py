@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import MergeError
 from ..layer_kinds import kind_of, weight_dtype
+from ..layers import LoraLayer
 from .linear import NF4Linear
 from .nf4 import dequantize_nf4, quantize_nf4
 
@@ -51,14 +52,14 @@ def requantization_error(exact: torch.Tensor, requantized: torch.Tensor, delta: 
 
 
 # -- one requantiser per quantised layer kind: replace the codes by those of `weight`, return (Ŵ, restore) --------
-def _requantize_nf4(layer: NF4Linear, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
+def requantize_nf4(layer: NF4Linear, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
     old = layer.state
     new = quantize_nf4(weight, layer.blocksize, old.double_quant)
     layer.replace_state(new)
     return dequantize_nf4(new, torch.float32), lambda: layer.replace_state(old)
 
 
-def _requantize_bnb(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
+def requantize_bnb(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
     import bitsandbytes.functional as bnb_f
 
     param = layer.weight
@@ -73,12 +74,6 @@ def _requantize_bnb(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tenso
         param.data, param.quant_state = old_data, old_state
 
     return bnb_f.dequantize_4bit(packed, state).float(), restore
-
-
-_REQUANTIZERS: dict[str, Callable[[Any, torch.Tensor], tuple[torch.Tensor, Restore]]] = {
-    "nf4_linear": _requantize_nf4,
-    "bnb_linear4bit": _requantize_bnb,
-}
 
 
 def _summed_delta(layer: Any, names: list[str]) -> torch.Tensor:
@@ -100,7 +95,7 @@ def merge_requantized(layer: Any, names: list[str]) -> dict[str, float] | None:
     names = [n for n in names if n in layer.adapters and n not in layer.merged]
     if not names:
         return None
-    requantize = _REQUANTIZERS.get(layer.kind.name)
+    requantize = layer.kind.requantize  # the layer kind's (lorakit.quant.kinds)
     if requantize is None:
         raise MergeError(f"module {layer.path!r}: cannot re-quantise a {type(layer.base_layer).__name__} base")
     delta = _summed_delta(layer, names)
@@ -176,8 +171,6 @@ def warn_requantized(report: dict[str, dict[str, float]]) -> None:
 
 def quantized_lora_layers(model: nn.Module) -> list[Any]:
     """The LoraLayers of `model` whose base is quantised."""
-    from ..layers import LoraLayer
-
     return [m for m in model.modules() if isinstance(m, LoraLayer) and m.kind.quantized]
 
 
@@ -191,8 +184,6 @@ def unload_quantized(model: nn.Module, names: list[str], dtype: torch.dtype | No
     Raises:
         MergeError: in safe mode, a delta with NaN or inf.
     """
-    from ..layers import LoraLayer
-
     layers = quantized_lora_layers(model)
     if safe and layers:
         for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
