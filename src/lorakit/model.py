@@ -125,6 +125,12 @@ def attach_at(
     from_base = config.residual_init and init_from_base
     if from_base:
         check_residual_targets(model, config, paths)  # before any weight changes
+    for path in paths if adapter_cls.kinds is not None else ():  # refused before the model changes
+        module = model.get_submodule(path)
+        kind = module.kind if isinstance(module, LoraLayer) else check_supported(module, path)
+        if kind.name not in adapter_cls.kinds:
+            raise TargetError(f"module {path!r} ({kind.name}) cannot take a {config.method} adapter (it "
+                              f"supports {', '.join(sorted(adapter_cls.kinds))} layers); exclude it from the targets")
     shared = adapter_cls.prepare(model, config, name, paths)  # state all its layers share (VeRA), or None
     for path in paths:
         module = model.get_submodule(path)
@@ -132,9 +138,6 @@ def attach_at(
             module = LoraLayer(module, check_supported(module, path), path)
             _replace_module(model, path, module)
         base = module.base_layer
-        if adapter_cls.kinds is not None and module.kind.name not in adapter_cls.kinds:
-            raise TargetError(f"module {path!r} ({module.kind.name}) cannot take a {config.method} adapter (it "
-                              f"supports {', '.join(sorted(adapter_cls.kinds))} layers); exclude it from the targets")
         dtype = weight_dtype(base, module.kind) if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
         adapter = adapter_cls.build(module.kind, base, config, path, dtype, shared)
         if from_base:

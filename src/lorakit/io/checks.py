@@ -20,6 +20,7 @@ from ..errors import AdapterFileError, ShapeMismatchError
 from ..layer_kinds import check_supported
 from ..layers import LoraLayer
 from ..targeting import iter_candidate_modules
+from ..variants import variant_for
 
 PREFIX = "base_model.model."
 
@@ -51,12 +52,12 @@ def check_shapes(
         base = module.base_layer if isinstance(module, LoraLayer) else module
         kind = check_supported(base, path)
         rank = config.rank_for(path)
-        expected = kind.shapes(base, rank)  # integers: nothing allocated
-        for suffix, want in zip(kind.peft_keys, expected):
+        expected = variant_for(config).file_shapes(kind, base, config, path)  # integers: nothing allocated
+        for suffix, want in expected.items():
             key = f"{PREFIX}{path}.{suffix}"
             if key not in shapes:
-                raise AdapterFileError(f"{where}: module {path!r} has no tensor {key!r} (lora_A and lora_B are "
-                                       f"both needed)")
+                raise AdapterFileError(f"{where}: module {path!r} has no tensor {key!r} ({' and '.join(expected)} "
+                                       f"are all needed)")
             if tuple(shapes[key]) != tuple(want):
                 raise ShapeMismatchError(
                     f"{where}: module {path!r}: {suffix} has shape {tuple(shapes[key])}, but adapter_config.json's "

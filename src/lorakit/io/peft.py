@@ -213,7 +213,7 @@ def load_adapter(
         header = vllm.read_shapes(directory) if (directory / WEIGHTS_NAME).is_file() else None
         tensors = read_weights(directory) if header is None else None
         shapes = header[0] if header is not None else {k: tuple(v.shape) for k, v in tensors.items()}
-        paths = _module_paths_in(list(shapes), directory)
+        paths = _module_paths_in(list(shapes), directory, variant_for(config).shared_keys)
         known = {p for p, _ in iter_candidate_modules(model)}
         missing = [p for p in paths if p not in known]
         if missing:

@@ -12,12 +12,14 @@ from .dora import DoraAdapter
 from .lora import LoraAdapter
 from .protocol import Abilities, Adapter, Option, TrainingHook, VariantClass
 from .registry import VARIANTS, register_variant, variant_named, variants_for_peft_type
+from .vera import VeraAdapter
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
 
 register_variant(LoraAdapter)
 register_variant(DoraAdapter)
+register_variant(VeraAdapter)
 
 
 def variant_for(config: LoraConfig) -> VariantClass:

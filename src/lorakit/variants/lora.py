@@ -40,6 +40,7 @@ class LoraAdapter(nn.Module):
     kinds: ClassVar[frozenset[str] | None] = None  # every registered layer kind
     # every key suffix its peft_tensors() may return, on any layer kind (how a file's keys name their modules)
     file_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    shared_keys: ClassVar[tuple[str, ...]] = ()  # full file keys of tensors shared by all layers (VeRA's projections)
     swap_slot = None  # lorakit.swap.SwapSlot once padded / swapped: the true rank and the gain folded into B
 
     # -- class hooks of the protocol -----------------------------------------------------------------------
@@ -65,6 +66,13 @@ class LoraAdapter(nn.Module):
         """Tensors of adapter `name` shared by all its layers, under their full file keys (the live tensors: a load
         copies into them); none for LoRA."""
         return {}
+
+    @classmethod
+    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+                    path: str) -> dict[str, tuple[int, ...]]:
+        """{key suffix: shape} of the per-layer tensors a file of `config` holds for the layer at `path`, from
+        integers only (io.checks compares a file's header with it before anything is allocated)."""
+        return dict(zip(kind.peft_keys, kind.shapes(base_layer, config.rank_for(path))))
 
     @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:

@@ -113,6 +113,7 @@ class VariantClass(Protocol):
     options: ClassVar[dict[str, Option]]
     kinds: ClassVar[frozenset[str] | None]
     file_keys: ClassVar[tuple[str, ...]]  # every key suffix its adapters' peft_tensors() may return
+    shared_keys: ClassVar[tuple[str, ...]]  # full file keys of shared_file_tensors (e.g. "base_model.vera_A")
 
     @classmethod
     def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
@@ -126,6 +127,10 @@ class VariantClass(Protocol):
 
     @classmethod
     def shared_file_tensors(cls, model: nn.Module, name: str) -> dict[str, torch.Tensor]: ...
+
+    @classmethod
+    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+                    path: str) -> dict[str, tuple[int, ...]]: ...
 
     @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]: ...
