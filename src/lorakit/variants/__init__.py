@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .delta_lora import DeltaLoraAdapter
 from .dora import DoraAdapter
 from .lora import LoraAdapter
 from .protocol import Abilities, Adapter, Option, TrainingHook, VariantClass
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 register_variant(LoraAdapter)
 register_variant(DoraAdapter)
 register_variant(VeraAdapter)
+register_variant(DeltaLoraAdapter)
 
 
 def variant_for(config: LoraConfig) -> VariantClass:
