@@ -79,7 +79,7 @@ def test_peft_metadata_fields_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_qalora", True), ("lora_bias", True), ("loftq_config", {"loftq_bits": 4}), ("eva_config", {"rho": 2.0}),
+    ("use_qalora", True), ("eva_config", {"rho": 2.0}),
     ("corda_config", {"corda_method": "ipm"}), ("megatron_config", {"x": 1}), ("layer_replication", [[0, 2]]),
     ("target_parameters", ["mlp.experts.down_proj"]), ("trainable_token_indices", [1, 2]),
     ("alora_invocation_tokens", [5]), ("ensure_weight_tying", True), ("use_qalora", "true"),
@@ -91,7 +91,7 @@ def test_peft_features_lorakit_lacks_are_refused_naming_the_field(field, value) 
         lorakit.LoraConfig.from_peft_dict({"target_modules": ["q_proj"], field: value})
 
 
-@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "orthogonal"])
+@pytest.mark.parametrize("init", ["eva", "corda", "orthogonal"])
 def test_inits_lorakit_lacks_are_refused(init) -> None:
     with pytest.raises(ConfigError, match=f"init_lora_weights='{init}'"):
         lorakit.LoraConfig(init_lora_weights=init)

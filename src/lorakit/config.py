@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .ops.loftq import check_loftq_config
 from .patterns import check_pattern
 from .peft_fields import ALIASES, BOOL_FIELDS, as_bool, peft_file_kwargs, plain, to_lorakit_kwargs
 from .variants.protocol import check_options
 from .variants.registry import VARIANTS, variant_named, variants_for_peft_type
 
-INITS = ("kaiming", "gaussian", "random", "pissa", "olora")  # + "pissa_niter_<n>" (randomised SVD, n iterations)
-# kaiming/gaussian: B = 0; "random": B random too (tests); pissa/olora: B, A from W0, the base keeps the residual
+INITS = ("kaiming", "gaussian", "random", "pissa", "olora", "loftq")  # + "pissa_niter_<n>" (randomised SVD)
+# kaiming/gaussian: B = 0; "random": B random too (tests); pissa/olora: B, A from W0, the base keeps the residual;
+# loftq: B, A from W0 - Q, the base keeps Q = NF4(W0 - s B A) dequantised (lorakit.loftq)
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 BIASES = ("none", "all", "lora_only")
 ADAPTER_DTYPES = ("float32", "float16", "bfloat16", "base")  # "base": the base weight's dtype
@@ -58,7 +60,8 @@ class LoraConfig:
     Raises:
         ConfigError: on construction, for any invalid field (the message names the field and value), an alias
             and its field with different values, an unknown field, or a PEFT feature lorakit does not implement
-            switched on (`use_qalora`, `lora_bias`, `loftq_config`, `layer_replication`, ...).
+            switched on (`use_qalora`, `eva_config`, `layer_replication`, ...); lora_bias=True with an init other
+            than kaiming / random or a method without a bias on B (DoRA).
     """
 
     r: int = 8  # rank of the update B A
@@ -82,6 +85,8 @@ class LoraConfig:
     fan_in_fan_out: bool = False  # weights stored (in, out), like GPT-2's Conv1D (detected automatically)
     task_type: str | None = None  # PEFT task type, e.g. "CAUSAL_LM", "SEQ_CLS" (metadata)
     base_model_name_or_path: str | None = None  # metadata written to adapter_config.json
+    lora_bias: bool = False  # PEFT's lora_bias: a trained bias b on B, out += s · (B A x + b), merged into the base bias
+    loftq_config: dict[str, int] = field(default_factory=dict)  # init="loftq": {"loftq_bits": 4, "loftq_iter": n}
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -93,6 +98,13 @@ class LoraConfig:
         if not (isinstance(self.init, str) and _PISSA_NITER.fullmatch(self.init)):
             _check_choice("init", self.init, INITS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
+        self.loftq_config = check_loftq_config(self.loftq_config, self.init == "loftq", "LoraConfig.loftq_config")
+        if self.lora_bias and self.init not in ("kaiming", "random"):
+            raise ConfigError(f"LoraConfig.lora_bias=True needs init 'kaiming' or 'random' (PEFT: init_lora_weights "
+                              f"True or False), found init={self.init!r}")
+        if self.lora_bias and not variant_named(self.method).abilities.lora_bias:
+            raise ConfigError(f"LoraConfig.lora_bias=True: method {self.method!r} has no bias on B (PEFT refuses "
+                              f"lora_bias with DoRA too); use method='lora'")
         for key, rank in self.rank_pattern.items():
             check_pattern("LoraConfig.rank_pattern key", key)
             if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -212,7 +224,8 @@ class LoraConfig:
             "exclude_modules": self.exclude_modules,
             "bias": self.bias,
             "use_rslora": self.use_rslora,
-            "init_lora_weights": _INIT_TO_PEFT.get(self.init, self.init),
+            # LoftQ's A, B and Q are in the files: PEFT must not run LoftQ again on load (its own advice)
+            "init_lora_weights": True if self.init == "loftq" else _INIT_TO_PEFT.get(self.init, self.init),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save,
@@ -220,6 +233,7 @@ class LoraConfig:
             "layers_pattern": self.layers_pattern,
             "fan_in_fan_out": self.fan_in_fan_out,
             "use_dora": self.use_dora,
+            "lora_bias": self.lora_bias,
             "inference_mode": True,
         }
 
@@ -278,6 +292,11 @@ class LoraConfig:
     def residual_init(self) -> bool:
         """True when the init takes B, A out of W0 and leaves the residual in the base (PiSSA, OLoRA)."""
         return self.init in ("pissa", "olora") or self.pissa_niter is not None
+
+    @property
+    def init_from_weights(self) -> bool:
+        """True when attach computes A, B from W0 (PiSSA, OLoRA, LoftQ) instead of drawing them at random."""
+        return self.residual_init or self.init == "loftq"
 
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again); PEFT's names are accepted.

@@ -122,7 +122,7 @@ def attach_at(
     record = _record(model)
     fresh_model = not record.configs
     adapter_cls = variant_for(config)
-    from_base = config.residual_init and init_from_base
+    from_base = config.init_from_weights and init_from_base  # PiSSA / OLoRA / LoftQ: A, B computed from W0
     if from_base:
         check_residual_targets(model, config, paths)  # before any weight changes
     for path in paths if adapter_cls.kinds is not None else ():  # refused before the model changes
@@ -141,7 +141,7 @@ def attach_at(
         dtype = weight_dtype(base, module.kind) if config.adapter_dtype == "base" else _DTYPES[config.adapter_dtype]
         adapter = adapter_cls.build(module.kind, base, config, path, dtype, shared)
         if from_base:
-            apply_residual_init(base, adapter, config)  # PiSSA / OLoRA: A, B from W0; the base keeps the residual
+            apply_residual_init(base, adapter, config)  # A, B from W0; the base keeps the residual (LoftQ: NF4 Q)
         adapter.train(model.training)
         module.adapters[name] = adapter
     if config.modules_to_save:
@@ -367,6 +367,11 @@ def merge(
         check_requantize_allowed(layers, names)
     if safe:
         check_merge(model, names, dtype)
+    for layer in layers:  # before any weight changes: an adapter that cannot merge into its base says why
+        for n in names:
+            why = layer.adapters[n].merge_refusal(layer.base_layer) if n in layer.adapters else None
+            if why is not None and n not in layer.merged:
+                raise MergeError(f"module {layer.path!r}, adapter {n!r}: {why}; nothing was merged")
     report = {}
     for layer in layers:
         error = layer.merge(names)

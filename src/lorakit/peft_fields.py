@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 # PEFT's name -> lorakit's field
 ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init"}
-BOOL_FIELDS = ("use_rslora", "use_dora", "lora_fa", "fan_in_fan_out")  # lorakit's boolean fields
+BOOL_FIELDS = ("use_rslora", "use_dora", "lora_fa", "fan_in_fan_out", "lora_bias")  # lorakit's boolean fields
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
@@ -26,8 +26,6 @@ IGNORED = ("inference_mode", "revision", "auto_mapping", "peft_version", "megatr
 # PEFT features lorakit does not implement: accepted only when off (None, False, empty)
 UNSUPPORTED = {
     "use_qalora": "QA-LoRA",
-    "lora_bias": "a bias on LoRA's B",
-    "loftq_config": "LoftQ initialisation",
     "eva_config": "EVA initialisation",
     "corda_config": "CorDA initialisation",
     "lora_ga_config": "LoRA-GA initialisation",
@@ -44,7 +42,7 @@ UNSUPPORTED = {
     "ensure_weight_tying": "tied adapters on tied weights",
 }
 # init_lora_weights values of PEFT that lorakit does not implement
-UNSUPPORTED_INITS = ("loftq", "eva", "corda", "orthogonal", "mica", "lora_ga")
+UNSUPPORTED_INITS = ("eva", "corda", "orthogonal", "mica", "lora_ga")
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -83,7 +81,7 @@ def init_from_peft(value: Any, where: str) -> Any:
         return "kaiming" if value else "random"
     if value in UNSUPPORTED_INITS:
         raise ConfigError(f"{where}init_lora_weights={value!r} is not supported by lorakit (it implements True, "
-                          f"False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora')")
+                          f"False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'loftq')")
     return value
 
 

@@ -7,7 +7,7 @@
 The adapter keeps A0, B0 as non-persistent buffers `initial_A`, `initial_B` for that conversion, and
 `original_fingerprint` (ops.residual_init.weight_fingerprint of W0) that saved files use to recognise the
 unmodified base.
-Linear and GPT-2 Conv1D layers only.
+Linear and GPT-2 Conv1D layers only. LoftQ (lorakit.loftq) is applied here too: its base keeps NF4 Q instead.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .config import LoraConfig
 from .errors import ConfigError
 from .layer_kinds import kind_of
 from .layers import LoraLayer
+from .loftq import apply_loftq_init
 from .ops.residual_init import residual_factors, subtract_low_rank_, weight_fingerprint
 
 RESIDUAL_KINDS = ("linear", "conv1d_gpt2")  # weight (d, k) or (k, d): the layout is a transpose away
@@ -78,8 +79,11 @@ def apply_residual_init(base_layer: nn.Module, adapter: nn.Module, config: LoraC
 
     The factors are computed in fp32 and stored in the adapter's dtype; the residual is formed from the
     stored factors (W_res = W0 - s B A, summed in fp32, cast to the weight's dtype), so that
-    W_res + s B A reproduces W0 as closely as the dtypes allow.
+    W_res + s B A reproduces W0 as closely as the dtypes allow. init="loftq": lorakit.loftq.apply_loftq_init.
     """
+    if config.init == "loftq":
+        apply_loftq_init(base_layer, adapter, config)
+        return
     kind = adapter.kind
     weight = base_layer.weight
     w0 = kind.to_weight_layout(weight.detach()).float()  # (d, k): Linear as stored, Conv1D transposed back

@@ -1,16 +1,19 @@
 """Plain LoRA (Hu et al. 2021, arXiv 2106.09685): the adapter holds A (r, k) and B (d, r); B starts at zero.
 
     out = base(x) + s · B A dropout(x),    ΔW = s · B A  (merged into W0 by `merge`)
+    with PEFT's lora_bias=True also a bias b (d,) on B, from zero:  out += s · b,  merged into the base bias
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..layer_kinds import LayerKind
+from ..errors import MergeError, TargetError
+from ..layer_kinds import LayerKind, kind_of
 from ..ops.lora import init_lora_A, lora_delta_weight
 from .protocol import Abilities, Option, TrainingHook
 
@@ -35,11 +38,12 @@ class LoraAdapter(nn.Module):
 
     name: ClassVar[str] = "lora"
     peft_type: ClassVar[str] = "LORA"
-    abilities: ClassVar[Abilities] = Abilities()
+    abilities: ClassVar[Abilities] = Abilities(lora_bias=True)
     options: ClassVar[dict[str, Option]] = {}
     kinds: ClassVar[frozenset[str] | None] = None  # every registered layer kind
     # every key suffix its peft_tensors() may return, on any layer kind (how a file's keys name their modules)
-    file_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    file_keys: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+                                            "lora_B.bias")
     shared_keys: ClassVar[tuple[str, ...]] = ()  # full file keys of tensors shared by all layers (VeRA's projections)
     swap_slot = None  # lorakit.swap.SwapSlot once padded / swapped: the true rank and the gain folded into B
 
@@ -48,12 +52,27 @@ class LoraAdapter(nn.Module):
     def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
               shared: Any) -> LoraAdapter:
         """The adapter of `config` on the layer at `path` (`shared`: what `prepare` returned)."""
-        init = "kaiming" if config.residual_init else config.init  # PiSSA / OLoRA: A, B set from W0 or the file
-        return cls(kind, base_layer, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype)
+        init = "kaiming" if config.init_from_weights else config.init  # PiSSA / OLoRA / LoftQ: from W0 or the file
+        adapter = cls(kind, base_layer, config.rank_for(path), config.scaling_for(path), config.dropout, init, dtype)
+        if config.lora_bias:
+            adapter.enable_lora_bias(random=config.init == "random")
+        return adapter
 
     @classmethod
     def prepare(cls, model: nn.Module, config: LoraConfig, name: str, paths: list[str]) -> Any:
-        """Called once by attach before the adapters of `paths` are built: state shared by all of them (None)."""
+        """Called once by attach before the adapters of `paths` are built: state shared by all of them (None).
+
+        Raises:
+            TargetError: lora_bias=True on a layer kind without a bias on B (embeddings, quantised bases).
+        """
+        if config.lora_bias:
+            for path in paths:
+                module = model.get_submodule(path)
+                kind = module.kind if hasattr(module, "adapters") else kind_of(module)  # a LoraLayer knows its kind
+                if kind is not None and kind.name not in LORA_BIAS_KINDS:
+                    raise TargetError(f"module {path!r} ({kind.name}): lora_bias=True needs a Linear, GPT-2 Conv1D or "
+                                      f"convolution layer (PEFT has no bias on an embedding's B; lorakit none on a "
+                                      f"quantised base); exclude it from the targets or set lora_bias=False")
         return None
 
     @classmethod
@@ -72,7 +91,16 @@ class LoraAdapter(nn.Module):
                     path: str) -> dict[str, tuple[int, ...]]:
         """{key suffix: shape} of the per-layer tensors a file of `config` holds for the layer at `path`, from
         integers only (io.checks compares a file's header with it before anything is allocated)."""
-        return dict(zip(kind.peft_keys, kind.shapes(base_layer, config.rank_for(path))))
+        shapes = dict(zip(kind.peft_keys, kind.shapes(base_layer, config.rank_for(path))))
+        if config.lora_bias:
+            shapes["lora_B.bias"] = (shapes[kind.peft_keys[1]][0],)
+        return shapes
+
+    @classmethod
+    def file_config(cls, model: nn.Module, name: str, config: LoraConfig) -> LoraConfig:
+        """The config a file of adapter `name` records, from its live adapters (AdaLoRA: the rank pattern its
+        allocation set); `config` itself for LoRA."""
+        return config
 
     @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:
@@ -109,6 +137,7 @@ class LoraAdapter(nn.Module):
         self.dropout = dropout if kind.uses_dropout else 0.0
         self.lora_A = nn.Parameter(torch.empty(shape_a, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(shape_b, dtype=dtype, device=device))
+        self.register_parameter("lora_B_bias", None)  # PEFT's lora_bias: enable_lora_bias makes it (d,)
         if kind.zero_factor == "A":  # PEFT: embedding A starts at zero, B random (normal), same zero delta
             nn.init.normal_(self.lora_B)
             with torch.no_grad():
@@ -124,14 +153,46 @@ class LoraAdapter(nn.Module):
                       base_out: torch.Tensor | None = None) -> torch.Tensor:
         """out + s · B A dropout(x); dropout only in training mode (base_out is not needed)."""
         p = self.dropout if self.training else 0.0
-        return self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
+        out = self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
+        return out if self.lora_B_bias is None else self._add_lora_bias(out)
 
     def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + this adapter in one op where the layer kind has one; None otherwise."""
         if self.kind.fused is None:
             return None
         p = self.dropout if self.training else 0.0
-        return self.kind.fused(base_layer, x, self.lora_A, self.lora_B, self.scale, p)
+        out = self.kind.fused(base_layer, x, self.lora_A, self.lora_B, self.scale, p)
+        return out if out is None or self.lora_B_bias is None else self._add_lora_bias(out)
+
+    # -- PEFT's lora_bias ----------------------------------------------------------------------------------
+    def enable_lora_bias(self, random: bool = False) -> None:
+        """Give B a trained bias b (d,) (PEFT's lora_bias=True: lora_B is an nn.Linear with a bias), zero at the
+        start (`random`: N(0, 0.02), for tests of the math). The update is then no longer s · B A alone, so mixed
+        batches, hot swap, combine and vLLM (which stack or read only A and B) refuse this adapter."""
+        d = self.lora_B.shape[0]
+        self.lora_B_bias = nn.Parameter(torch.zeros(d, dtype=self.lora_B.dtype, device=self.lora_B.device))
+        if random:
+            with torch.no_grad():
+                self.lora_B_bias.normal_(0.0, 0.02)
+        # this instance's abilities (the class's stay): consumers that hold an adapter ask it
+        vars(self)["abilities"] = replace(type(self).abilities, low_rank=False, mixed_batches=False, hot_swap=False,
+                                          combine=False, vllm=False)
+
+    def _add_lora_bias(self, out: torch.Tensor) -> torch.Tensor:
+        """out + s · b along the output channels (the last axis; axis 1 for convolutions). A new tensor: `out` may be
+        the output of a custom autograd Function (ops.lora), which in-place ops must not touch."""
+        bias = self.lora_B_bias.to(out.dtype)
+        if self.kind.channel_axis == 1:
+            bias = bias.view(1, -1, *([1] * (out.dim() - 2)))
+        return torch.add(out, bias, alpha=self.scale)
+
+    def merge_refusal(self, base_layer: nn.Module) -> str | None:
+        """Why this adapter cannot merge into `base_layer`: a lora_bias with no base bias to add it to (PEFT refuses
+        too), else None."""
+        if self.lora_B_bias is not None and getattr(base_layer, "bias", None) is None:
+            return (f"lora_bias=True, but the base layer ({type(base_layer).__name__}) has no bias to merge s · b "
+                    f"into (PEFT refuses the same); keep the adapter unmerged")
+        return None
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """s · B A in fp32, in the layout of `base_layer.weight`."""
@@ -142,12 +203,26 @@ class LoraAdapter(nn.Module):
         self.kind = kind
 
     def merge_into(self, base_layer: nn.Module) -> None:
-        """W0 += ΔW (the sum in fp32, cast to the weight's dtype)."""
+        """W0 += ΔW (the sum in fp32, cast to the weight's dtype); with lora_bias, base bias += s · b.
+
+        Raises:
+            MergeError: lora_bias on a base without a bias (see merge_refusal); nothing is changed.
+        """
+        self._check_mergeable(base_layer)
         add_into(base_layer.weight, self.delta_weight(base_layer), 1.0)
+        if self.lora_B_bias is not None:
+            add_into(base_layer.bias, self.lora_B_bias.float() * self.scale, 1.0)
 
     def unmerge_from(self, base_layer: nn.Module) -> None:
-        """W0 -= ΔW, undoing merge_into."""
+        """W0 -= ΔW, undoing merge_into (and the base bias -= s · b)."""
         add_into(base_layer.weight, self.delta_weight(base_layer), -1.0)
+        if self.lora_B_bias is not None:
+            add_into(base_layer.bias, self.lora_B_bias.float() * self.scale, -1.0)
+
+    def _check_mergeable(self, base_layer: nn.Module) -> None:
+        why = self.merge_refusal(base_layer)
+        if why is not None:
+            raise MergeError(why)
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This adapter's tensors under PEFT's key suffixes (after lorakit.swap: the true rank, B / gain)."""
@@ -156,6 +231,8 @@ class LoraAdapter(nn.Module):
         if slot is not None:  # zero-padded to a declared max rank, the scale ratio folded into B (see swap.py)
             lora_A, lora_B = lora_A[: slot.rank], lora_B[:, : slot.rank]
             lora_B = lora_B if slot.gain == 1.0 else lora_B / slot.gain
+        if self.lora_B_bias is not None:  # PEFT's lora_B is an nn.Linear / nn.Conv with a bias
+            return {key_a: lora_A, key_b: lora_B, "lora_B.bias": self.lora_B_bias}
         return {key_a: lora_A, key_b: lora_B}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -163,10 +240,15 @@ class LoraAdapter(nn.Module):
         adapter's two factors are one "embedding" group (LoRA+ gives them their own learning rate)."""
         if self.kind.lookup:
             return {"embedding": [self.lora_A, self.lora_B]}
+        if self.lora_B_bias is not None:  # the bias on B: a vector, in "other"
+            return {"A": [self.lora_A], "B": [self.lora_B], "other": [self.lora_B_bias]}
         return {"A": [self.lora_A], "B": [self.lora_B]}
 
     def reset_extras(self, base_layer: nn.Module) -> None:
-        """Set the tensors beyond A and B to what makes the adapter the identity while B = 0 (LoRA has none)."""
+        """Set the tensors beyond A and B to what makes the adapter the identity while B = 0 (a lora_bias: zero)."""
+        if self.lora_B_bias is not None:
+            with torch.no_grad():
+                self.lora_B_bias.zero_()
 
     def frozen_factor(self) -> nn.Parameter:
         """The factor LoRA-FA (Zhang et al. 2023, arXiv 2308.03303) keeps frozen at its random init: A, or on a
@@ -175,4 +257,8 @@ class LoraAdapter(nn.Module):
         return self.lora_B if self.kind.zero_factor == "A" else self.lora_A
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}"
+        bias = ", lora_bias" if self.lora_B_bias is not None else ""
+        return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}{bias}"
+
+
+LORA_BIAS_KINDS = frozenset({"linear", "conv1d_gpt2", "conv"})  # kinds whose B PEFT gives a bias (an nn.Linear / Conv)

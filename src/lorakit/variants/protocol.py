@@ -45,6 +45,7 @@ class Abilities:
     shared_state: bool = False  # tensors shared by all its layers (VeRA's projections): `prepare` builds them
     trains_base: bool = False  # training also changes W0 (Delta-LoRA): the result is a merged model
     step_hook: bool = False  # acts around the optimizer step (`training_hook`): AdaLoRA, Delta-LoRA
+    lora_bias: bool = False  # takes LoraConfig.lora_bias (PEFT's trained bias on B; LoraAdapter.enable_lora_bias)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,10 @@ class Adapter(Protocol):
     def merge_into(self, base_layer: nn.Module) -> None: ...
 
     def unmerge_from(self, base_layer: nn.Module) -> None: ...
+
+    def merge_refusal(self, base_layer: nn.Module) -> str | None:
+        """Why merge_into cannot merge into this base (lorakit.merge asks every layer before changing any), or None."""
+        ...
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """{PEFT key suffix: tensor} of this layer (what the file holds under base_model.model.<path>.)."""
