@@ -128,6 +128,7 @@ def save_adapter(
     """
     check_adapter_name(name, "save_adapter(name=...)")  # a name, never a path: nothing written outside `path`
     config = _file_targets(model, M.get_config(model, name), name)
+    config = variant_for(config).file_config(model, name, config)  # e.g. AdaLoRA's rank pattern, from its layers
     if config.base_model_name_or_path is None and getattr(model, "name_or_path", None):
         config = config.replace(base_model_name_or_path=str(model.name_or_path))  # as PEFT fills it in
     state = adapter_state(model, name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .adalora import AdaloraAdapter
 from .delta_lora import DeltaLoraAdapter
 from .dora import DoraAdapter
 from .lora import LoraAdapter
@@ -22,6 +23,7 @@ register_variant(LoraAdapter)
 register_variant(DoraAdapter)
 register_variant(VeraAdapter)
 register_variant(DeltaLoraAdapter)
+register_variant(AdaloraAdapter)
 
 
 def variant_for(config: LoraConfig) -> VariantClass:
