@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import AdapterFileError, ShapeMismatchError
+from .variants import variant_for
 
 DEFAULT_RANK_TOL = 1e-3
 _PREFIX = "base_model.model."
@@ -157,7 +158,7 @@ def adapter_report(
         config = LoraConfig.from_peft_dict(raw_config, where=str(directory / "adapter_config.json"))
     except Exception as err:  # ConfigError or a field of the wrong type
         raise AdapterFileError(f"{directory / 'adapter_config.json'}: {err}") from err
-    tensors = read_weights(directory)
+    config, tensors = variant_for(config).as_lora_file(config, read_weights(directory))  # e.g. AdaLoRA's P E Q
     factors, other_params = _group_factors(tensors, directory)
     if not factors:
         raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")

@@ -160,3 +160,26 @@ def test_not_mixable_swappable_or_combinable() -> None:
     abilities = AdaloraAdapter.abilities
     assert not (abilities.low_rank or abilities.mixed_batches or abilities.hot_swap or abilities.combine)
     assert abilities.merge and abilities.step_hook
+
+
+def test_inspect_reports_the_kept_ranks_and_the_true_update(tmp_path, capsys) -> None:
+    from lorakit.analysis import adapter_report
+    from lorakit.cli.main import main
+
+    model = lorakit.attach(tiny_llama(), adalora_config())
+    adapters = [a for _, a in adalora_adapters(model, "default")]
+    with torch.no_grad():
+        for i, a in enumerate(adapters):
+            a.lora_E.normal_()
+            a.set_kept(torch.arange(6) < i + 2)  # kept ranks 2, 3, 4, 5
+    lorakit.save_adapter(model, tmp_path)
+    report = adapter_report(tmp_path)
+    rows = {m["module"]: m for m in report["modules"]}
+    assert {p: m["r"] for p, m in rows.items()} == final_ranks(model) == dict(zip(rows, [2, 3, 4, 5]))
+    assert not report["warnings"]
+    for path, adapter in adalora_adapters(model, "default"):
+        norm = torch.linalg.norm(adapter.delta_weight(model.get_submodule(path).base_layer)).item()
+        assert abs(rows[path]["delta_fro_norm"] - norm) <= 1e-5 * max(1.0, norm)
+    assert main(["inspect", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.self_attn.v_proj" in printed

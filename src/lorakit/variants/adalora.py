@@ -174,6 +174,29 @@ class AdaloraAdapter(LoraAdapter):
         return {"lora_A": tuple(shape_a), "lora_E": (rank, 1), "lora_B": tuple(shape_b)}
 
     @classmethod
+    def as_lora_file(cls, config: LoraConfig,
+                     tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """The file as plain LoRA with the same ΔW: A' = diag(E) Q, B' = P, per module r = its kept rank and alpha =
+        s · r (so that alpha / r = s); modules with no triplet kept are left out (ΔW = 0)."""
+        scale = adalora_scale(config.alpha, config.r)
+        out: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        for key, tensor in tensors.items():
+            if key.endswith(".lora_E"):
+                stem = key[: -len(".lora_E")]
+                rank = int(tensor.shape[0])
+                if rank:
+                    out[f"{stem}.lora_A.weight"] = tensors[f"{stem}.lora_A"].float() * tensor.float()
+                    out[f"{stem}.lora_B.weight"] = tensors[f"{stem}.lora_B"]
+                    module = stem.split("base_model.model.", 1)[-1]
+                    ranks[module], alphas[module] = rank, scale * rank
+            elif not key.endswith((".lora_A", ".lora_B")):
+                out[key] = tensor
+        lora = config.replace(method="lora", options={}, rank_pattern=ranks, alpha_pattern=alphas)
+        return lora, out
+
+    @classmethod
     def file_config(cls, model: nn.Module, name: str, config: LoraConfig) -> LoraConfig:
         """The config with rank_masks of the live adapters once any triplet is masked (PEFT writes rank_pattern
         only after an allocation)."""

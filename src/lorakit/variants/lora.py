@@ -97,6 +97,13 @@ class LoraAdapter(nn.Module):
         return shapes
 
     @classmethod
+    def as_lora_file(cls, config: LoraConfig,
+                     tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """A file of this variant as an equivalent plain LoRA file (same ΔW per module), for readers of LoRA's
+        layout only (lorakit inspect); a LoRA file as it is."""
+        return config, tensors
+
+    @classmethod
     def file_config(cls, model: nn.Module, name: str, config: LoraConfig) -> LoraConfig:
         """The config a file of adapter `name` records, from its live adapters (AdaLoRA: the rank pattern its
         allocation set); `config` itself for LoRA."""
