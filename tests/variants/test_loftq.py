@@ -210,3 +210,20 @@ def test_peft_loftq_base_and_adapter_load_in_lorakit(case: str, init_in_file, tm
     model = lorakit.load_adapter(auto.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     assert lorakit.get_config(model).init == ("loftq" if init_in_file == "loftq" else "kaiming")
     assert max_abs_diff(_logits(model, ids), want) < ATOL
+
+
+def test_a_loftq_run_saved_with_its_base_loads_in_peft_and_lorakit(tmp_path: Path) -> None:
+    """What `lorakit train --init loftq` saves: lorakit.io.delta_lora.save_delta_lora(with_base=True) writes base/
+    (Q, the weights the adapter needs), adapter/ and model/ (Q + s B A merged)."""
+    from lorakit.io.delta_lora import save_delta_lora
+
+    ids = token_ids()
+    model = lorakit.attach(tiny_llama(), lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="loftq"))
+    want = _logits(model, ids)
+    save_delta_lora(model, tmp_path, with_base=True)
+    auto = transformers.AutoModelForCausalLM
+    pm = peft.PeftModel.from_pretrained(auto.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert max_abs_diff(_logits(pm, ids), want) < ATOL
+    again = lorakit.load_adapter(auto.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert max_abs_diff(_logits(again, ids), want) < ATOL
+    assert max_abs_diff(_logits(auto.from_pretrained(tmp_path / "model"), ids), want) < ATOL
