@@ -196,3 +196,11 @@ def test_the_file_is_plain_lora_that_peft_loads_onto_the_changed_base(tmp_path) 
         assert max_abs_diff(loaded(ids).logits, want) < 1e-5
     reloaded = lorakit.load_adapter(tiny_llama(), tmp_path)  # the ORIGINAL base: a plain LoRA, but not the model
     assert lorakit.get_config(reloaded).method == "lora"
+
+
+def test_a_quantised_base_is_refused_by_name() -> None:
+    from lorakit.quant import quantize
+
+    model = quantize(tiny_llama(), "nf4", compute_dtype=torch.float32)
+    with pytest.raises(lorakit.TargetError, match=r"q_proj' \(nf4_linear\) cannot take a delta_lora adapter"):
+        lorakit.attach(model, lorakit.LoraConfig(method="delta_lora", target_modules=["q_proj"]))

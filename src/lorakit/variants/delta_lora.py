@@ -59,9 +59,10 @@ class DeltaLoraAdapter(LoraAdapter):
 
     @classmethod
     def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
-              shared: Any) -> LoraAdapter:
-        """LoRA's adapter, with the run's λ and K from `config.options`."""
-        adapter = super().build(kind, base_layer, config, path, dtype, shared)
+              shared: Any) -> DeltaLoraAdapter:
+        """LoRA's adapter, with the run's λ and K from `config.options` (`prepare` refused a residual init)."""
+        adapter = cls(kind, base_layer, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
+                      dtype)
         adapter.delta_lambda = config.options["delta_lambda"]
         adapter.update_start_step = config.options["update_start_step"]
         return adapter
@@ -93,7 +94,7 @@ class DeltaLoraHook:
 
     It keeps the A and B of the previous call (fp32, r (d + k) values per layer) and adds λ s (B A - B_old A_old)
     into W0 in place. A, B at construction are the first reference: build the hook after loading a checkpoint.
-    A skipped optimizer step (fp16 overflow) leaves A, B unchanged and so W0 too.
+    A skipped optimizer step (fp16 overflow) leaves A, B unchanged and so W0 too (up to the rounding of B A - B A).
 
     Raises:
         ConfigError (at construction): an adapter with dropout > 0 (the paper trains without: with dropout, the
@@ -102,7 +103,7 @@ class DeltaLoraHook:
 
     def __init__(self, model: nn.Module, name: str) -> None:
         self.name = name
-        self.layers: list[tuple[nn.Module, DeltaLoraAdapter, DeltaFactors]] = []
+        self.layers: list[tuple[LoraLayer, DeltaLoraAdapter, DeltaFactors]] = []
         for module in model.modules():
             adapter = module.adapters[name] if isinstance(module, LoraLayer) and name in module.adapters else None
             if not isinstance(adapter, DeltaLoraAdapter):
