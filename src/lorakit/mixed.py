@@ -110,16 +110,15 @@ def _check_adapter(layer: LoraLayer, name: str, adapter: nn.Module) -> None:
 def _layer_stack(layer: LoraLayer, names: tuple[str, ...]) -> _LayerStack:
     """The cached stacks of `names` on `layer`, rebuilt if the names or any adapter parameter changed."""
     adapters = [layer.adapters[n] if n in layer.adapters else None for n in names]
+    for name, adapter in zip(names, adapters):
+        if adapter is not None:
+            _check_adapter(layer, name, adapter)  # before anything reads its factors (a variant may have none)
     key = (names, *(_adapter_key(a) for a in adapters))
     cached = layer.__dict__.get(_STACK)
     if cached is not None and cached.key == key:
         return cached
     layer.__dict__.pop(_STACK, None)  # free the old stacks before building new ones
-    factors = []
-    for name, adapter in zip(names, adapters):
-        if adapter is not None:
-            _check_adapter(layer, name, adapter)
-        factors.append(None if adapter is None else (adapter.lora_A, adapter.lora_B, adapter.scale))
+    factors = [None if adapter is None else (adapter.lora_A, adapter.lora_B, adapter.scale) for adapter in adapters]
     present = [a for a in adapters if a is not None]
     a_stack = bt_stack = None
     if present:

@@ -260,3 +260,18 @@ def test_lorakit_trainer_lowers_the_loss(tmp_path: Path, causal_lm_dir: Path) ->
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
     saved = json.loads((result.saved_dir / "adapter_config.json").read_text())
     assert saved["peft_type"] == "VERA"
+
+
+def test_what_vera_cannot_do_is_refused_by_name(tmp_path: Path) -> None:
+    """Mixed batches, combine and hot swap stack or overwrite A and B: VeRA declares it has none to give."""
+    model = tiny_llama()
+    lorakit.attach(model, vera_config(), name="a")
+    lorakit.attach(model, vera_config(), name="b")
+    with pytest.raises(ConfigError, match="'a' .*VeraAdapter .*cannot take part in a mixed batch"):
+        model(token_ids(), adapter_names=["a", "b"])
+    with pytest.raises(ConfigError, match="'a' is a vera adapter.*cannot take as an input"):
+        lorakit.combine(model, {"a": 1.0, "b": 1.0}, "c")
+    lorakit.save_adapter(model, tmp_path, name="b")
+    with pytest.raises(ConfigError, match="'a' is a vera adapter, which cannot be swapped in place"):
+        lorakit.swap_adapter(model, "a", tmp_path / "b")
+    assert lorakit.adapter_names(model) == ["a", "b"]
