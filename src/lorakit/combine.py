@@ -298,7 +298,7 @@ def _check_inputs(model: nn.Module, terms: list[tuple[str, float]], method: str,
     names = [n for n, _ in terms]
     for name in names:
         config = M.get_config(model, name)
-        if not variant_named(config.method).abilities.combine:
+        if not variant_named(config.method).abilities_for(config).combine:
             raise ConfigError(f"adapter {name!r} is a {config.method} adapter, which lorakit.combine cannot take as "
                               "an input; merge it into the base instead (merge / merge_and_unload)")
         if config.residual_init:

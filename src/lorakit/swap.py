@@ -99,7 +99,7 @@ def _check_swappable(model: nn.Module, name: str, verb: str) -> LoraConfig:
         ConfigError: a PiSSA / OLoRA adapter (its base holds the residual W0 - s B0 A0, tied to its own A0, B0).
     """
     config = M.get_config(model, name)
-    if not variant_named(config.method).abilities.hot_swap:
+    if not variant_named(config.method).abilities_for(config).hot_swap:
         raise ConfigError(f"{verb}: adapter {name!r} is a {config.method} adapter, which cannot be swapped in place "
                           f"(its tensors are not a padded low-rank pair); load_adapter() each file under its own name")
     if config.residual_init:

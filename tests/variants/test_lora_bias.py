@@ -182,3 +182,14 @@ def test_lorakit_lora_bias_file_loads_in_peft(case: str, tmp_path: Path) -> None
     assert max_abs_diff(_logits(pm, ids), want) < ATOL
     again = lorakit.load_adapter(build(), tmp_path)  # and back into lorakit
     assert max_abs_diff(_logits(again, ids), want) < ATOL
+
+
+def test_swap_and_combine_refuse_a_lora_bias_adapter_by_name() -> None:
+    model = tiny_llama()
+    lorakit.attach(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True), name="biased")
+    lorakit.attach(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"]), name="plain")
+    with pytest.raises(ConfigError, match="'biased'.*cannot be swapped in place"):
+        lorakit.prepare_swap(model, 8, names="biased")
+    with pytest.raises(ConfigError, match="'biased'.*cannot take as an input"):
+        lorakit.combine(model, {"biased": 1.0, "plain": 1.0}, name="both")
+    lorakit.prepare_swap(model, 8, names="plain")  # the plain LoRA beside it still can

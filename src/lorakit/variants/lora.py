@@ -110,6 +110,12 @@ class LoraAdapter(nn.Module):
         return config
 
     @classmethod
+    def abilities_for(cls, config: LoraConfig) -> Abilities:
+        """What lorakit may do with this class's adapters under `config`: `abilities`, less what lora_bias rules out
+        (the update is then s · (B A x + b), not s B A alone: no mixed batches, hot swap, combine or vLLM)."""
+        return with_lora_bias(cls.abilities) if config.lora_bias else cls.abilities
+
+    @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:
         """adapter_config.json's fields for `config` (PEFT's names)."""
         return config.lora_peft_dict()
@@ -181,9 +187,7 @@ class LoraAdapter(nn.Module):
         if random:
             with torch.no_grad():
                 self.lora_B_bias.normal_(0.0, 0.02)
-        # this instance's abilities (the class's stay): consumers that hold an adapter ask it
-        vars(self)["abilities"] = replace(type(self).abilities, low_rank=False, mixed_batches=False, hot_swap=False,
-                                          combine=False, vllm=False)
+        vars(self)["abilities"] = with_lora_bias(type(self).abilities)  # this instance's (consumers holding it ask)
 
     def _add_lora_bias(self, out: torch.Tensor) -> torch.Tensor:
         """out + s · b along the output channels (the last axis; axis 1 for convolutions). A new tensor: `out` may be
@@ -266,6 +270,11 @@ class LoraAdapter(nn.Module):
     def extra_repr(self) -> str:
         bias = ", lora_bias" if self.lora_B_bias is not None else ""
         return f"kind={self.kind.name}, r={self.r}, scale={self.scale:g}, dropout={self.dropout:g}{bias}"
+
+
+def with_lora_bias(abilities: Abilities) -> Abilities:
+    """`abilities` of an adapter whose B has a bias: its update is not s B A of lora_A, lora_B alone."""
+    return replace(abilities, low_rank=False, mixed_batches=False, hot_swap=False, combine=False, vllm=False)
 
 
 LORA_BIAS_KINDS = frozenset({"linear", "conv1d_gpt2", "conv"})  # kinds whose B PEFT gives a bias (an nn.Linear / Conv)

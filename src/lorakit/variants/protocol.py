@@ -144,6 +144,9 @@ class VariantClass(Protocol):
     def file_config(cls, model: nn.Module, name: str, config: LoraConfig) -> LoraConfig: ...
 
     @classmethod
+    def abilities_for(cls, config: LoraConfig) -> Abilities: ...  # `abilities` under config (lora_bias rules out some)
+
+    @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]: ...
 
     @classmethod
