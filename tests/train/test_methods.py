@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lorakit.cli.main import main
+from lorakit.errors import ConfigError
 from lorakit.layers import LoraLayer
 from lorakit.train import loop
 from lorakit.train.config import TrainConfig
@@ -162,7 +163,8 @@ def test_residual_init_run_saves_an_adapter_for_the_original_model(tmp_path, cau
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--method", "vera"], "method must be one of lora, dora, lora_fa, full"),
+    (["--method", "lorra"], "method must be one of lora, dora, "),
+    (["--method", "lora", "--method-options", "init_r=3"], "method 'lora' has no option 'init_r'"),
     (["--init", "pisa"], "init: LoraConfig.init must be one of"),
     (["--loraplus-ratio", "0"], "loraplus_ratio must be a finite number > 0"),
     (["--method", "full", "--loraplus-ratio", "16"], "loraplus_ratio needs an adapter"),
@@ -171,3 +173,13 @@ def test_bad_method_flags_exit_2_with_one_line(tmp_path, causal_lm_dir, data_fil
     code = main(_argv(causal_lm_dir, data_file, tmp_path / "o", *extra))
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_method_options_are_key_value_pairs_read_as_yaml() -> None:
+    assert TrainConfig(method="dora", method_options={}).method_options == {}
+    from lorakit.train.config_values import convert_value
+
+    assert convert_value("init_r=12, target_r=4,beta1=0.85,flag=true", dict, "method_options") == {
+        "init_r": 12, "target_r": 4, "beta1": 0.85, "flag": True}
+    with pytest.raises(ConfigError, match="method_options expects KEY=VALUE,...; got 'init_r'"):
+        TrainConfig(method_options="init_r")

@@ -3,8 +3,9 @@ the embedded default (all-MiniLM-L6-v2 on standard-library docstrings, LoRA vs f
 
 Every option of TrainConfig is a flag (`--max-steps`, `--lora-alpha`, ...); `--config run.yaml` supplies
 any of them, and flags given on the command line override the file. The adapter method is `--method lora |
-dora | lora_fa | full`, its init `--init kaiming | gaussian | pissa | pissa_niter_<n> | olora`, and
-`--loraplus-ratio 16` trains B at 16 times A's learning rate (LoRA+).
+dora | adalora | vera | delta_lora | lora_fa | full` (its own settings: `--method-options KEY=VALUE,...`), its
+init `--init kaiming | gaussian | pissa | pissa_niter_<n> | olora | loftq`, and `--loraplus-ratio 16` trains B
+at 16 times A's learning rate (LoRA+).
 
 Spellings: `--learning_rate` works as well as `--learning-rate`; a boolean option is a bare flag (`--packing`),
 turned off with `--no-packing`, and still takes a value (`--packing false`). "none" clears an optional option.
@@ -77,7 +78,8 @@ class _RepeatedPaths(argparse.Action):
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, annotation: Any, help_text: str) -> None:
-    default = f.default if f.default is not dataclasses.MISSING else None
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     shown, hidden = _flag_names(f.name)
     common = {"dest": f.name, "default": argparse.SUPPRESS}
     if annotation is bool:

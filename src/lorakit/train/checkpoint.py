@@ -32,6 +32,7 @@ STATE_NAME = "trainer_state.json"
 # TrainConfig fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them
 TRAJECTORY_FIELDS = (
     "model", "data", "task", "eval_data", "eval_fraction", "max_length", "packing", "completion_only", "method",
+    "method_options",
     "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init", "learning_rate", "weight_decay",
     "loraplus_ratio", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_grad_norm", "epochs", "max_steps", "mixed_precision", "dtype", "seed",

@@ -16,13 +16,27 @@ from typing import Any
 import yaml
 
 from ..checks import check_finite, check_seed
-from ..config import check_dropout, parse_target_spec
+from ..config import LoraConfig, check_dropout, parse_target_spec
 from ..errors import ConfigError
 from ..loading.options import parse_device_name
+from ..variants.registry import VARIANTS
 from .config_values import convert_fields, convert_value, load_yaml
 
 TASKS = ("auto", "causal-lm", "classification")
-METHODS = ("lora", "dora", "lora_fa", "full")  # adapters (LoraConfig.use_dora / lora_fa), or full
+TRAINING_METHODS = ("lora_fa", "full")  # besides the registered variants: LoRA with A frozen, or every weight
+
+
+def adapter_method(method: str) -> str:
+    """The LoraConfig.method of a training method: itself, or "lora" for lora_fa (LoRA with A frozen)."""
+    return "lora" if method == "lora_fa" else method
+
+
+def methods() -> tuple[str, ...]:
+    """--method's choices: every registered variant (lorakit.variants: lora, dora, adalora, vera, delta_lora, ...),
+    lora_fa (LoRA with A frozen) and full (full fine-tuning)."""
+    return (*VARIANTS, *TRAINING_METHODS)
+
+
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")  # the frozen base's dtype; auto: the checkpoint's own
@@ -66,7 +80,8 @@ class TrainConfig:
     packing: bool = False  # causal-lm: concatenate examples into max_length blocks
     completion_only: bool = True  # causal-lm: loss only on completion / response / assistant tokens
     # the adapter
-    method: str = "lora"  # lora | dora (use_dora) | lora_fa (A frozen, only B trains) | full (all weights train)
+    method: str = "lora"  # a variant (lora | dora | adalora | vera | delta_lora ...) | lora_fa (A frozen) | full
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options, KEY=VALUE,...
     r: int = 8  # LoRA rank
     lora_alpha: float = 16.0  # scaling numerator, s = lora_alpha / r
     lora_dropout: float = 0.05  # dropout on the adapter input
@@ -116,7 +131,7 @@ class TrainConfig:
         """Raise ConfigError naming the first invalid field."""
         for name, hint in field_types().items():  # "1e-3" -> 1e-3, "8" -> 8, "false" -> False (never truthy)
             setattr(self, name, convert_value(getattr(self, name), hint, name))
-        for name, choices in (("task", TASKS), ("method", METHODS), ("lr_scheduler_type", SCHEDULES),
+        for name, choices in (("task", TASKS), ("method", methods()), ("lr_scheduler_type", SCHEDULES),
                               ("mixed_precision", PRECISIONS), ("dtype", BASE_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
@@ -204,12 +219,16 @@ class TrainConfig:
             if self.method == "full":
                 raise ConfigError("loraplus_ratio needs an adapter: method is 'full'; use lora, dora or lora_fa")
         if self.method != "full":
-            from ..config import LoraConfig
-
             try:
                 LoraConfig(init=self.init)
             except ConfigError as err:
                 raise ConfigError(f"init: {err}") from err
+            try:  # the method's options, checked by its variant's declared Options
+                LoraConfig(method=adapter_method(self.method), options=self.method_options)
+            except ConfigError as err:
+                raise ConfigError(f"method_options: {err}") from err
+        elif self.method_options:
+            raise ConfigError(f"method_options {self.method_options!r}: method 'full' has no options")
 
     # -- files -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

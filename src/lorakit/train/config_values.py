@@ -65,6 +65,8 @@ def type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint) or (str,)
         return f"list of {type_name(item)}"
+    if typing.get_origin(hint) is dict or hint is dict:
+        return "KEY=VALUE,..."
     return getattr(hint, "__name__", str(hint))
 
 
@@ -110,6 +112,26 @@ def _to_list(value: Any, item: Any, key: str) -> list[Any]:
     return [convert_value(v, item, f"{key}[{i}]") for i, v in enumerate(items)]
 
 
+def _to_dict(value: Any, key: str) -> dict[str, Any]:
+    """A mapping, or "k=v,k2=v2" from the command line with each value read as YAML ("12" -> 12, "true" -> True)."""
+    if isinstance(value, dict):
+        return dict(value)
+    if not isinstance(value, str):
+        raise ValueError("not a mapping")
+    if value.strip().startswith("{"):  # a mapping written as YAML / JSON text: "{}", "{init_r: 12}"
+        mapping = yaml.safe_load(value)
+        if not isinstance(mapping, dict):
+            raise ValueError("not a mapping")
+        return mapping
+    out: dict[str, Any] = {}
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        name, sep, text = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{part!r} is not KEY=VALUE")
+        out[name.strip()] = yaml.safe_load(text.strip()) if text.strip() else ""
+    return out
+
+
 def _matches(value: Any, hint: Any) -> bool:
     """True when `value` already has type `hint` (no conversion needed)."""
     if hint is type(None):
@@ -148,6 +170,8 @@ def convert_value(value: Any, hint: Any, key: str) -> Any:
     try:
         if typing.get_origin(hint) is list:
             return _to_list(value, (typing.get_args(hint) or (str,))[0], key)
+        if typing.get_origin(hint) is dict or hint is dict:
+            return _to_dict(value, key)
         if hint in converters:
             return converters[hint](value)
     except (ValueError, TypeError, OverflowError):

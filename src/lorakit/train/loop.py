@@ -25,7 +25,7 @@ from ..io.lock import directory_lock
 from ..loading import options
 from . import loggers, rundir
 from .callbacks import Callback
-from .config import TrainConfig
+from .config import TrainConfig, adapter_method
 from .precision import TrainingError
 from .trainer import Batches, Trainer, TrainResult, build_optimizer, evaluate
 
@@ -48,7 +48,7 @@ def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
     lora = LoraConfig(
         r=cfg.r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
         use_rslora=cfg.use_rslora, init=cfg.init, modules_to_save=heads or None,
-        use_dora=cfg.method == "dora", lora_fa=cfg.method == "lora_fa",
+        method=adapter_method(cfg.method), options=cfg.method_options, lora_fa=cfg.method == "lora_fa",
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=_base_name(cfg.model),
     )
     M.attach(model, lora)
