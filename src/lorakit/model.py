@@ -367,11 +367,7 @@ def merge(
         check_requantize_allowed(layers, names)
     if safe:
         check_merge(model, names, dtype)
-    for layer in layers:  # before any weight changes: an adapter that cannot merge into its base says why
-        for n in names:
-            why = layer.adapters[n].merge_refusal(layer.base_layer) if n in layer.adapters else None
-            if why is not None and n not in layer.merged:
-                raise MergeError(f"module {layer.path!r}, adapter {n!r}: {why}; nothing was merged")
+    check_merge_refusals(layers, names)
     report = {}
     for layer in layers:
         error = layer.merge(names)
@@ -380,6 +376,19 @@ def merge(
     if report:
         warn_requantized(report)
     return report
+
+
+def check_merge_refusals(layers: list[LoraLayer], names: list[str]) -> None:
+    """Before any weight changes: every unmerged adapter of `names` can merge into its base (Adapter.merge_refusal).
+
+    Raises:
+        MergeError: the first that cannot (module, adapter and the adapter's reason).
+    """
+    for layer in layers:
+        for n in names:
+            why = layer.adapters[n].merge_refusal(layer.base_layer) if n in layer.adapters else None
+            if why is not None and n not in layer.merged:
+                raise MergeError(f"module {layer.path!r}, adapter {n!r}: {why}; nothing was merged")
 
 
 def unmerge(model: nn.Module) -> None:
@@ -402,6 +411,7 @@ def merge_and_unload(model: nn.Module, safe: bool = False, dtype: torch.dtype | 
 
     if any(layer.disabled for layer in lora_layers(model)):
         raise MergeError("merge_and_unload() inside a disabled() block: leave the block first")
+    check_merge_refusals(list(lora_layers(model)), active_adapters(model))
     unload_quantized(model, active_adapters(model), dtype, safe)
     merge(model, safe=safe)
     for layer in list(lora_layers(model)):

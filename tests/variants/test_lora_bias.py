@@ -193,3 +193,46 @@ def test_swap_and_combine_refuse_a_lora_bias_adapter_by_name() -> None:
     with pytest.raises(ConfigError, match="'biased'.*cannot take as an input"):
         lorakit.combine(model, {"biased": 1.0, "plain": 1.0}, name="both")
     lorakit.prepare_swap(model, 8, names="plain")  # the plain LoRA beside it still can
+
+
+def test_merge_after_quantising_the_base_is_refused_before_any_change() -> None:
+    model = tiny_llama(attention_bias=True)
+    lorakit.attach(model, lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init="random"))
+    lorakit.quantize(model, compute_dtype=torch.float32)
+    ids = token_ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    for merge in (lambda: lorakit.merge(model, requantize=True), lambda: lorakit.merge_and_unload(model)):
+        with pytest.raises(MergeError, match=r"q_proj.*lora_bias=True on a nf4_linear base"):
+            merge()
+        with torch.no_grad():
+            assert max_abs_diff(model(ids).logits, want) == 0.0
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ("wrong_shape", "ShapeMismatchError", r"q_proj.*lora_B.bias has shape \(5,\)"),
+    ("no_bias_in_config", "AdapterFileError", "unexpected key.*lora_B.bias"),
+    ("no_bias_in_file", "AdapterFileError", "no tensor.*lora_B.bias"),
+])
+def test_inconsistent_lora_bias_files_are_refused_by_name(change: str, error: str, match: str, tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = lorakit.attach(tiny_llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    lorakit.save_adapter(model, tmp_path)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    if change == "wrong_shape":
+        weights[key] = torch.zeros(5)
+    elif change == "no_bias_in_config":
+        config["lora_bias"] = False
+    else:
+        del weights[key]
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = tiny_llama()
+    with pytest.raises(getattr(lorakit, error), match=match):
+        lorakit.load_adapter(fresh, tmp_path)
+    assert not any(isinstance(m, LoraLayer) for m in fresh.modules())

@@ -203,6 +203,9 @@ class LoraAdapter(nn.Module):
         if self.lora_B_bias is not None and getattr(base_layer, "bias", None) is None:
             return (f"lora_bias=True, but the base layer ({type(base_layer).__name__}) has no bias to merge s · b "
                     f"into (PEFT refuses the same); keep the adapter unmerged")
+        if self.lora_B_bias is not None and self.kind.name not in LORA_BIAS_KINDS:
+            return (f"lora_bias=True on a {self.kind.name} base (quantised after attach): lorakit merges only the "
+                    f"weight of a quantised layer, not s · b; keep the adapter unmerged")
         return None
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
