@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Run lorakit's checks: ruff, then the test suite (pytest). Sets up .venv first.
+# Run lorakit's checks: ruff, mypy (the adapter protocol and its implementations), then the test suite (pytest).
 # Extra arguments go to pytest, e.g. scripts/test.sh -k merge
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks
+.venv/bin/mypy  # the adapter protocol, the registries and their implementations ([tool.mypy] in pyproject.toml)
 set +e
 .venv/bin/python -m pytest "$@"
 status=$?

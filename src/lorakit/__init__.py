@@ -1,5 +1,6 @@
 """lorakit: low-rank adaptation (LoRA and its family) for PyTorch and Hugging Face transformers models."""
 
+from . import mixed as _mixed  # noqa: F401  (registers model(..., adapter_names=...) with model.attach)
 from .adapter_steps import training_hooks
 from .combine import combine, merge_combination
 from .config import LoraConfig
@@ -16,6 +17,7 @@ from .errors import (
     TargetError,
 )
 from .heap import tune_cpu_allocator
+from .integrations import save_pretrained as _save_pretrained  # noqa: F401  (registers save_pretrained likewise)
 from .io import load_adapter, save_adapter
 from .io.vllm import VllmWarning, check_vllm
 from .loading import load_model, load_tokenizer

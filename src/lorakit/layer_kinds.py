@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,13 @@ from .ops.lora import lora_linear, lora_linear_add
 try:  # GPT-2 style fused projections: weight stored (in, out)
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core importable
-    HFConv1D = None
+    HFConv1D = None  # type: ignore[misc,assignment]
 
 Tensor = torch.Tensor
+# A base layer of some kind (nn.Linear, nn.Embedding, a convolution, GPT-2's Conv1D, NF4Linear, ...): its attributes
+# (weight, bias, in_features, ...) are dynamic, and nn.Module's typing makes each `Tensor | Module`; the kind is
+# what says which it has, so its functions take the layer as Any.
+BaseLayer = Any
 
 
 @dataclass(frozen=True)
@@ -29,9 +34,9 @@ class LayerKind:
     """How LoRA applies to one base layer type."""
 
     name: str
-    dims: Callable[[nn.Module], tuple[int, int]]  # (k: input features, d: output features)
-    shapes: Callable[[nn.Module, int], tuple[tuple[int, ...], tuple[int, ...]]]  # (A shape, B shape) for rank r
-    add_delta: Callable[[nn.Module, Tensor, Tensor, Tensor, Tensor, float, float], Tensor]
+    dims: Callable[[BaseLayer], tuple[int, int]]  # (k: input features, d: output features)
+    shapes: Callable[[BaseLayer, int], tuple[tuple[int, ...], tuple[int, ...]]]  # (A shape, B shape) for rank r
+    add_delta: Callable[[BaseLayer, Tensor, Tensor, Tensor, Tensor, float, float], Tensor]
     to_weight_layout: Callable[[Tensor], Tensor]  # ΔW (d, k, *kernel) -> the base weight's layout
     peft_keys: tuple[str, str]  # key suffixes of A and B in PEFT's files
     is_linear: bool = False  # counted by "all-linear"
@@ -42,16 +47,16 @@ class LayerKind:
     lookup: bool = False  # an embedding table: inputs are ids whose rows are looked up, not multiplied
     zero_factor: str = "B"  # the factor that starts at zero (PEFT: "A" for embeddings, whose B is the random one)
     # the whole adapted layer in one op (base + one adapter), or None: see ops.lora.lora_linear
-    fused: Callable[[nn.Module, Tensor, Tensor, Tensor, float, float], Tensor | None] | None = None
+    fused: Callable[[BaseLayer, Tensor, Tensor, Tensor, float, float], Tensor | None] | None = None
     # quantised bases (QLoRA) only: the dense weight (d, k) in a dtype (None: the compute dtype), and the tensor
     # holding the codes (its identity and version change exactly when the weight does). None: a float weight
-    dequantize: Callable[[nn.Module, torch.dtype | None], Tensor] | None = None
-    storage: Callable[[nn.Module], Tensor] | None = None
+    dequantize: Callable[[BaseLayer, torch.dtype | None], Tensor] | None = None
+    storage: Callable[[BaseLayer], Tensor] | None = None
     # quantised bases: replace the codes by those of a dense weight, returning (the weight read back, a restore);
     # and how a LoraLayer merges / unmerges adapters into such a base (lorakit.quant.merge: by re-quantising)
-    requantize: Callable[[nn.Module, Tensor], tuple[Tensor, Callable[[], None]]] | None = None
-    merge_adapters: Callable[[nn.Module, list[str]], dict[str, float] | None] | None = None
-    unmerge_adapters: Callable[[nn.Module], None] | None = None
+    requantize: Callable[[BaseLayer, Tensor], tuple[Tensor, Callable[[], None]]] | None = None
+    merge_adapters: Callable[[BaseLayer, list[str]], dict[str, float] | None] | None = None
+    unmerge_adapters: Callable[[BaseLayer], None] | None = None
 
     def __reduce__(self) -> tuple[Callable[[str], LayerKind], tuple[str]]:
         """Pickle and deepcopy by name: a model's kinds stay the registry's singletons (`kind is CONV` holds)."""
@@ -63,30 +68,30 @@ class LayerKind:
         return self.dequantize is not None
 
 
-def _linear_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+def _linear_add(base: BaseLayer, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
     return lora_linear_add(out, x, a, b, s, p)
 
 
-def _linear_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+def _linear_fused(base: BaseLayer, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
     if type(base) is not nn.Linear:  # a subclass may change forward: use it as it is
         return None
     return lora_linear(x, base.weight, base.bias, a, b, s, p, transposed=False)
 
 
-def _conv1d_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+def _conv1d_fused(base: BaseLayer, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
     if type(base) is not HFConv1D:
         return None
     return lora_linear(x, base.weight, base.bias, a, b, s, p, transposed=True)
 
 
-def _embedding_add(base: nn.Module, ids: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+def _embedding_add(base: BaseLayer, ids: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
     h = F.embedding(ids, a.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
                     norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                     sparse=base.sparse)  # (..., r): rows of A for each token
     return out + (h @ b.t().to(h.dtype)).mul_(s).to(out.dtype)
 
 
-def _conv_add(base: nn.Module, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
+def _conv_add(base: BaseLayer, x: Tensor, out: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor:
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[a.dim() - 2]
     xin = F.dropout(x, p, training=True) if p > 0.0 else x
     xin = xin.to(a.dtype)
@@ -142,7 +147,7 @@ EMBEDDING = LayerKind(
 )
 
 
-def _conv_shapes(m: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _conv_shapes(m: BaseLayer, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     ones = (1,) * len(m.kernel_size)
     return (r, m.in_channels, *m.kernel_size), (m.out_channels, r, *ones)
 
@@ -198,7 +203,7 @@ for _cls, _kind in list(LAYER_KINDS.items()):
     register_kind(_cls, _kind)
 
 
-def weight_dtype(module: nn.Module, kind: LayerKind | None = None) -> torch.dtype:
+def weight_dtype(module: BaseLayer, kind: LayerKind | None = None) -> torch.dtype:
     """The dtype the layer computes in: its weight's, or a quantised layer's compute dtype (bitsandbytes without
     one: the dtype it was quantised from)."""
     kind = kind or kind_of(module)

@@ -41,6 +41,7 @@ from torch import nn
 
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
 from .layers import MIXED_STACK, ROUTING, LoraLayer, SavedModule
+from .model import adapter_names, register_extension
 from .ops.mixed import bgmv_add_, embedding_rows_add_, prefer_segments, sgmv_add_, stack_factors
 from .variants.lora import LoraAdapter
 
@@ -171,7 +172,6 @@ def mixed_layer_forward(layer: LoraLayer, routing: Routing, x: torch.Tensor, *ar
 
 # -- the model side ----------------------------------------------------------------------------------------
 def _attached(model: nn.Module) -> list[str]:
-    from .model import adapter_names  # model.py imports this module
 
     return adapter_names(model)
 
@@ -326,3 +326,6 @@ def uninstall(model: nn.Module) -> None:
         del model.__dict__["generate"]
     for module in model.modules():
         module.__dict__.pop(_STACK, None)
+
+
+register_extension(install, uninstall)  # model.attach installs the adapter_names= forward

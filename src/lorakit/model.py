@@ -6,7 +6,7 @@ while another thread runs a forward of the same model (concurrent forwards alone
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +16,8 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import AdapterNameError, ConfigError, MergeError, TargetError
-from .integrations import save_pretrained as _save_pretrained
 from .layer_kinds import check_supported, weight_dtype
 from .layers import LoraLayer, SavedModule
-from .mixed import install as _install_mixed_batches
-from .mixed import uninstall as _uninstall_mixed_batches
 from .names import check_adapter_name
 from .residual import apply_residual_init, check_residual_targets
 from .targeting import find_targets, iter_candidate_modules, matches_modules_to_save
@@ -36,6 +33,18 @@ class _ModelRecord:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     hook: Any = None  # forward hook on the input embeddings (gradient checkpointing support)
+
+
+# What other modules add to a model that has adapters, registered by them (model.py imports none of them):
+# lorakit.mixed (model(..., adapter_names=[...]) and generate) and lorakit.integrations.save_pretrained (PEFT's
+# layout from model.save_pretrained). (install, uninstall) pairs, run on each attach / when the last adapter goes.
+_EXTENSIONS: list[tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
+
+
+def register_extension(install: Callable[[nn.Module], None], uninstall: Callable[[nn.Module], None]) -> None:
+    """Run `install(model)` after every attach and `uninstall(model)` when a model's last adapter is deleted."""
+    if (install, uninstall) not in _EXTENSIONS:
+        _EXTENSIONS.append((install, uninstall))
 
 
 def _record(model: nn.Module) -> _ModelRecord:
@@ -158,8 +167,8 @@ def attach_at(
     record.configs[name] = config
     _set_trainable(model, name, fresh_model)
     _install_checkpointing_hook(model)
-    _install_mixed_batches(model)  # model(..., adapter_names=[...]) and generate(...)
-    _save_pretrained.install(model)  # save_pretrained writes the active adapters in PEFT's layout
+    for install, _ in _EXTENSIONS:  # lorakit.mixed: adapter_names= in forward; save_pretrained in PEFT's layout
+        install(model)
     set_active(model, [name])
     return model
 
@@ -319,8 +328,8 @@ def _forget(model: nn.Module) -> None:
     record = model.__dict__.pop("_lorakit", None)
     if record is not None and record.hook is not None:
         record.hook.remove()
-    _uninstall_mixed_batches(model)
-    _save_pretrained.uninstall(model)  # a plain model saves as a plain model again
+    for _, uninstall in _EXTENSIONS:  # a plain model forwards and saves as a plain model again
+        uninstall(model)
 
 
 def check_merge(model: nn.Module, names: list[str] | None = None, dtype: torch.dtype | None = None) -> None:

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import model as M
 from ..errors import ConfigError
+from ..io.peft import save_adapter
 
 _STATE = "_lorakit_save_pretrained"  # key in the model's __dict__: the ids of what install() added
 # state-dict keys inside these belong to lorakit (an adapter, a modules_to_save copy), not to the base model
@@ -62,8 +64,6 @@ class AdapterSavePretrained:
                 the message says what to do instead), no active adapter, or `save_directory` is a file.
             AdapterNameError: a name in `selected_adapters` that is not attached.
         """
-        from .. import model as M
-        from ..io.peft import save_adapter
 
         for flag, given, instead in (
             ("push_to_hub=True", push_to_hub, "save to a directory, then upload it (huggingface_hub.upload_folder)"),
@@ -133,3 +133,6 @@ def uninstall(model: nn.Module) -> None:
     model._load_state_dict_post_hooks.pop(installed.post_hook_id, None)  # by id: a deepcopy's handle points back
     if isinstance(model.__dict__.get("save_pretrained"), AdapterSavePretrained):
         del model.__dict__["save_pretrained"]
+
+
+M.register_extension(install, uninstall)  # model.attach installs save_pretrained in PEFT's layout

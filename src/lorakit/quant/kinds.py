@@ -11,9 +11,8 @@ import sys
 from dataclasses import replace
 
 import torch
-from torch import nn
 
-from ..layer_kinds import LAYER_KINDS, LINEAR, register_finder, register_kind, weight_dtype
+from ..layer_kinds import LAYER_KINDS, LINEAR, BaseLayer, register_finder, register_kind, weight_dtype
 from ..ops.lora import lora_linear
 from .linear import NF4Linear
 from .merge import merge_requantized, requantize_bnb, requantize_nf4, unmerge_requantized
@@ -21,7 +20,7 @@ from .merge import merge_requantized, requantize_bnb, requantize_nf4, unmerge_re
 Tensor = torch.Tensor
 
 
-def _nf4_fused(base: nn.Module, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
+def _nf4_fused(base: BaseLayer, x: Tensor, a: Tensor, b: Tensor, s: float, p: float) -> Tensor | None:
     if type(base) is not NF4Linear:
         return None
     bias = None if base.bias is None else base.bias.to(base.compute_dtype)
@@ -41,7 +40,7 @@ NF4_LINEAR = register_kind(NF4Linear, replace(
 ))
 
 
-def _bnb_dequantize(module: nn.Module, dtype: torch.dtype | None) -> Tensor:
+def _bnb_dequantize(module: BaseLayer, dtype: torch.dtype | None) -> Tensor:
     """bitsandbytes Linear4bit's weight (d, k), dequantised by bitsandbytes itself (what its forward multiplies by)."""
     import bitsandbytes.functional as bnb_f
 

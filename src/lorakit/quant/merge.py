@@ -24,7 +24,6 @@ from torch import nn
 from ..errors import MergeError
 from ..layer_kinds import kind_of, weight_dtype
 from ..layers import LoraLayer
-from .linear import NF4Linear
 from .nf4 import dequantize_nf4, quantize_nf4
 
 Restore = Callable[[], None]
@@ -52,7 +51,7 @@ def requantization_error(exact: torch.Tensor, requantized: torch.Tensor, delta: 
 
 
 # -- one requantiser per quantised layer kind: replace the codes by those of `weight`, return (Ŵ, restore) --------
-def requantize_nf4(layer: NF4Linear, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
+def requantize_nf4(layer: Any, weight: torch.Tensor) -> tuple[torch.Tensor, Restore]:
     old = layer.state
     new = quantize_nf4(weight, layer.blocksize, old.double_quant)
     layer.replace_state(new)

@@ -18,7 +18,7 @@ from torch import nn
 from ..layer_kinds import LayerKind
 from ..ops.dora import NORM_EPS, dora_linear, dora_merged_weight, dora_norm, row_norms_sq, weight_rows
 from .lora import LoraAdapter
-from .protocol import Abilities
+from .protocol import Abilities, BaseLayer
 
 
 class DoraAdapter(LoraAdapter):
@@ -33,7 +33,7 @@ class DoraAdapter(LoraAdapter):
     def __init__(
         self,
         kind: LayerKind,
-        base_layer: nn.Module,
+        base_layer: BaseLayer,
         r: int,
         scale: float,
         dropout: float,
@@ -65,19 +65,19 @@ class DoraAdapter(LoraAdapter):
         self._norm_cache = None
 
     # -- the norm n ------------------------------------------------------------------------------------
-    def _base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def _base_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """W0: the weight, or for a quantised base (QLoRA) a dequantised copy in the compute dtype (freed after use)."""
         dequantize = self.kind.dequantize
         return base_layer.weight if dequantize is None else dequantize(base_layer, None)
 
-    def _row_norms_sq(self, base_layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    def _row_norms_sq(self, base_layer: BaseLayer, weight: torch.Tensor) -> torch.Tensor:
         source = weight if self.kind.storage is None else self.kind.storage(base_layer)  # quantised: the codes
         key = (source._version, source.data_ptr(), weight.dtype, weight.device)
         if self._w0_sq is None or self._w0_sq[0] != key:
             self._w0_sq = (key, row_norms_sq(weight, self.layout))
         return self._w0_sq[1]
 
-    def norm(self, base_layer: nn.Module, eps: float = NORM_EPS) -> torch.Tensor:
+    def norm(self, base_layer: BaseLayer, eps: float = NORM_EPS) -> torch.Tensor:
         """n = ||W0 + s B A||_row (fp32, no grad, clamped to >= eps), from low-rank pieces.
 
         Without autograd (inference) n is kept while W0, A, B and s are unchanged (their version counters and
@@ -88,6 +88,7 @@ class DoraAdapter(LoraAdapter):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():  # a compiled graph computes it in place
             return dora_norm(w0_sq, weight, self.layout, self.lora_A, self.lora_B, self.scale, eps)
         a, b = self.lora_A, self.lora_B
+        assert self._w0_sq is not None  # set by _row_norms_sq above
         key = (self._w0_sq[0], a._version, a.data_ptr(), b._version, b.data_ptr(), self.scale, eps)
         if self._norm_cache is None or self._norm_cache[0] != key:
             self._norm_cache = (key, dora_norm(w0_sq, weight, self.layout, a, b, self.scale, eps))
@@ -100,7 +101,7 @@ class DoraAdapter(LoraAdapter):
         return c
 
     # -- forward -----------------------------------------------------------------------------------------
-    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_forward(self, base_layer: BaseLayer, x: torch.Tensor) -> torch.Tensor | None:
         """The whole DoRA Linear / GPT-2 Conv1D layer in one op (ops.dora.dora_linear); None elsewhere."""
         if self.kind.fused is None or not self.kind.is_linear or type(base_layer) not in _FUSABLE:
             return None
@@ -111,7 +112,7 @@ class DoraAdapter(LoraAdapter):
         )
 
     def add_to_output(
-        self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor, base_out: torch.Tensor | None = None
+        self, base_layer: BaseLayer, x: torch.Tensor, out: torch.Tensor, base_out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """out + (c - 1) ⊙ (base(x) - b) + c ⊙ s B A dropout(x), PEFT's formula; base_out defaults to out."""
         base_out = out if base_out is None else base_out
@@ -123,14 +124,14 @@ class DoraAdapter(LoraAdapter):
         return (out + (c - 1) * pure + c * lora).to(out.dtype)
 
     # -- merging -----------------------------------------------------------------------------------------
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def delta_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """W' - W0 in fp32 and the weight's layout, W' = c ⊙_row (W0 + s B A)."""
         weight = self._base_weight(base_layer)
         merged, _ = dora_merged_weight(weight, self.layout, super().delta_weight(base_layer), self.lora_magnitude_vector)
         return merged - weight.float()
 
     @torch.no_grad()
-    def merge_into(self, base_layer: nn.Module) -> None:
+    def merge_into(self, base_layer: BaseLayer) -> None:
         """W0 <- W' (fp32 arithmetic, cast to the weight's dtype); remembers c so that unmerge can undo it."""
         weight = base_layer.weight
         merged, c = dora_merged_weight(weight, self.layout, super().delta_weight(base_layer), self.lora_magnitude_vector)
@@ -140,10 +141,12 @@ class DoraAdapter(LoraAdapter):
         weight.copy_(merged)
 
     @torch.no_grad()
-    def unmerge_from(self, base_layer: nn.Module) -> None:
+    def unmerge_from(self, base_layer: BaseLayer) -> None:
         """W0 = W' / c - s B A, row by row (rows with c = 0 are restored from the copy kept at merge)."""
         weight = base_layer.weight
         c = self._merged_c
+        if c is None:
+            raise RuntimeError(f"DoRA unmerge_from on {self.kind.name}: the adapter was not merged (no merge_into)")
         rows = weight_rows(weight.float(), self.layout) / c.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
         restored = rows - weight_rows(super().delta_weight(base_layer), self.layout)
         if self._merged_rows is not None:
@@ -154,13 +157,13 @@ class DoraAdapter(LoraAdapter):
 
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """LoRA's keys plus `lora_magnitude_vector` ((d,); PEFT stores a convolution's as (1, d, 1, ...))."""
-        mag = self.lora_magnitude_vector
+        mag: torch.Tensor = self.lora_magnitude_vector
         if self.kind.channel_axis == 1:
             mag = mag.view(1, -1, *([1] * (self.lora_A.dim() - 2)))
         return {**super().peft_tensors(), "lora_magnitude_vector": mag}
 
     @torch.no_grad()
-    def reset_extras(self, base_layer: nn.Module) -> None:
+    def reset_extras(self, base_layer: BaseLayer) -> None:
         """m = ||W0||_row: with B = 0 the adapter is the base layer (lorakit.swap, for a module a file lacks)."""
         self.lora_magnitude_vector.copy_(self.norm(base_layer, eps=0.0))
 

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import MergeError, TargetError
 from ..layer_kinds import LayerKind, kind_of
 from ..ops.lora import init_lora_A, lora_delta_weight
-from .protocol import Abilities, Option, TrainingHook
+from .protocol import Abilities, BaseLayer, Option, TrainingHook
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -49,7 +49,7 @@ class LoraAdapter(nn.Module):
 
     # -- class hooks of the protocol -----------------------------------------------------------------------
     @classmethod
-    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+    def build(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig, path: str, dtype: torch.dtype,
               shared: Any) -> LoraAdapter:
         """The adapter of `config` on the layer at `path` (`shared`: what `prepare` returned)."""
         init = "kaiming" if config.init_from_weights else config.init  # PiSSA / OLoRA / LoftQ: from W0 or the file
@@ -87,7 +87,7 @@ class LoraAdapter(nn.Module):
         return {}
 
     @classmethod
-    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+    def file_shapes(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig,
                     path: str) -> dict[str, tuple[int, ...]]:
         """{key suffix: shape} of the per-layer tensors a file of `config` holds for the layer at `path`, from
         integers only (io.checks compares a file's header with it before anything is allocated)."""
@@ -134,7 +134,7 @@ class LoraAdapter(nn.Module):
     def __init__(
         self,
         kind: LayerKind,
-        base_layer: nn.Module,
+        base_layer: BaseLayer,
         r: int,
         scale: float,
         dropout: float,
@@ -162,14 +162,14 @@ class LoraAdapter(nn.Module):
                 init_lora_A(self.lora_A, "kaiming", r)
                 self.lora_B.normal_(0.0, 0.02)
 
-    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
+    def add_to_output(self, base_layer: BaseLayer, x: torch.Tensor, out: torch.Tensor,
                       base_out: torch.Tensor | None = None) -> torch.Tensor:
         """out + s · B A dropout(x); dropout only in training mode (base_out is not needed)."""
         p = self.dropout if self.training else 0.0
         out = self.kind.add_delta(base_layer, x, out, self.lora_A, self.lora_B, self.scale, p)
         return out if self.lora_B_bias is None else self._add_lora_bias(out)
 
-    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_forward(self, base_layer: BaseLayer, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + this adapter in one op where the layer kind has one; None otherwise."""
         if self.kind.fused is None:
             return None
@@ -197,7 +197,7 @@ class LoraAdapter(nn.Module):
             bias = bias.view(1, -1, *([1] * (out.dim() - 2)))
         return torch.add(out, bias, alpha=self.scale)
 
-    def merge_refusal(self, base_layer: nn.Module) -> str | None:
+    def merge_refusal(self, base_layer: BaseLayer) -> str | None:
         """Why this adapter cannot merge into `base_layer`: a lora_bias with no base bias to add it to (PEFT refuses
         too), else None."""
         if self.lora_B_bias is not None and getattr(base_layer, "bias", None) is None:
@@ -208,7 +208,7 @@ class LoraAdapter(nn.Module):
                     f"weight of a quantised layer, not s · b; keep the adapter unmerged")
         return None
 
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def delta_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """s · B A in fp32, in the layout of `base_layer.weight`."""
         return self.kind.to_weight_layout(lora_delta_weight(self.lora_A, self.lora_B, self.scale))
 
@@ -216,7 +216,7 @@ class LoraAdapter(nn.Module):
         """The base layer was replaced by one of another kind with the same shape (e.g. quantised to NF4)."""
         self.kind = kind
 
-    def merge_into(self, base_layer: nn.Module) -> None:
+    def merge_into(self, base_layer: BaseLayer) -> None:
         """W0 += ΔW (the sum in fp32, cast to the weight's dtype); with lora_bias, base bias += s · b.
 
         Raises:
@@ -227,13 +227,13 @@ class LoraAdapter(nn.Module):
         if self.lora_B_bias is not None:
             add_into(base_layer.bias, self.lora_B_bias.float() * self.scale, 1.0)
 
-    def unmerge_from(self, base_layer: nn.Module) -> None:
+    def unmerge_from(self, base_layer: BaseLayer) -> None:
         """W0 -= ΔW, undoing merge_into (and the base bias -= s · b)."""
         add_into(base_layer.weight, self.delta_weight(base_layer), -1.0)
         if self.lora_B_bias is not None:
             add_into(base_layer.bias, self.lora_B_bias.float() * self.scale, -1.0)
 
-    def _check_mergeable(self, base_layer: nn.Module) -> None:
+    def _check_mergeable(self, base_layer: BaseLayer) -> None:
         why = self.merge_refusal(base_layer)
         if why is not None:
             raise MergeError(why)
@@ -258,7 +258,7 @@ class LoraAdapter(nn.Module):
             return {"A": [self.lora_A], "B": [self.lora_B], "other": [self.lora_B_bias]}
         return {"A": [self.lora_A], "B": [self.lora_B]}
 
-    def reset_extras(self, base_layer: nn.Module) -> None:
+    def reset_extras(self, base_layer: BaseLayer) -> None:
         """Set the tensors beyond A and B to what makes the adapter the identity while B = 0 (a lora_bias: zero)."""
         if self.lora_B_bias is not None:
             with torch.no_grad():

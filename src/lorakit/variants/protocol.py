@@ -26,9 +26,32 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..layer_kinds import BaseLayer
+
 if TYPE_CHECKING:
-    from ..config import LoraConfig
     from ..layer_kinds import LayerKind
+
+
+class ConfigView(Protocol):
+    """What a variant reads of an adapter's config (lorakit.LoraConfig has all of it; the protocol names only this,
+    so that the registry LoraConfig checks methods against does not depend on LoraConfig itself)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    init: str
+    method: str
+    options: dict[str, Any]
+    target_modules: Any
+    residual_init: bool
+    init_from_weights: bool  # A, B computed from W0 at attach (PiSSA, OLoRA, LoftQ)
+    lora_bias: bool  # PEFT's lora_bias: a trained bias on B
+
+    def rank_for(self, module_path: str) -> int: ...
+
+    def scaling_for(self, module_path: str) -> float: ...
+
+    def lora_peft_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -74,24 +97,24 @@ class Adapter(Protocol):
     scale: float
     kind: LayerKind
 
-    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
+    def add_to_output(self, base_layer: BaseLayer, x: torch.Tensor, out: torch.Tensor,
                       base_out: torch.Tensor | None = None) -> torch.Tensor:
         """out + this adapter's contribution (base_out: the base layer's own output, for needs_base_output)."""
         ...
 
-    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_forward(self, base_layer: BaseLayer, x: torch.Tensor) -> torch.Tensor | None:
         """The whole adapted layer (base + this adapter) in one op, or None."""
         ...
 
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def delta_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """W' - W0 in fp32, in the layout of base_layer.weight."""
         ...
 
-    def merge_into(self, base_layer: nn.Module) -> None: ...
+    def merge_into(self, base_layer: BaseLayer) -> None: ...
 
-    def unmerge_from(self, base_layer: nn.Module) -> None: ...
+    def unmerge_from(self, base_layer: BaseLayer) -> None: ...
 
-    def merge_refusal(self, base_layer: nn.Module) -> str | None:
+    def merge_refusal(self, base_layer: BaseLayer) -> str | None:
         """Why merge_into cannot merge into this base (lorakit.merge asks every layer before changing any), or None."""
         ...
 
@@ -121,11 +144,11 @@ class VariantClass(Protocol):
     shared_keys: ClassVar[tuple[str, ...]]  # full file keys of shared_file_tensors (e.g. "base_model.vera_A")
 
     @classmethod
-    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+    def build(cls, kind: LayerKind, base_layer: BaseLayer, config: ConfigView, path: str, dtype: torch.dtype,
               shared: Any) -> Adapter: ...
 
     @classmethod
-    def prepare(cls, model: nn.Module, config: LoraConfig, name: str, paths: list[str]) -> Any: ...
+    def prepare(cls, model: nn.Module, config: ConfigView, name: str, paths: list[str]) -> Any: ...
 
     @classmethod
     def training_hook(cls, model: nn.Module, name: str) -> TrainingHook | None: ...
@@ -134,20 +157,20 @@ class VariantClass(Protocol):
     def shared_file_tensors(cls, model: nn.Module, name: str) -> dict[str, torch.Tensor]: ...
 
     @classmethod
-    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+    def file_shapes(cls, kind: LayerKind, base_layer: BaseLayer, config: ConfigView,
                     path: str) -> dict[str, tuple[int, ...]]: ...
 
     @classmethod
     def as_lora_file(cls, config: Any, tensors: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]: ...
 
     @classmethod
-    def file_config(cls, model: nn.Module, name: str, config: LoraConfig) -> LoraConfig: ...
+    def file_config(cls, model: nn.Module, name: str, config: ConfigView) -> Any: ...  # a lorakit.LoraConfig
 
     @classmethod
-    def abilities_for(cls, config: LoraConfig) -> Abilities: ...  # `abilities` under config (lora_bias rules out some)
+    def abilities_for(cls, config: ConfigView) -> Abilities: ...  # `abilities` under config (lora_bias rules out some)
 
     @classmethod
-    def peft_config(cls, config: LoraConfig) -> dict[str, Any]: ...
+    def peft_config(cls, config: ConfigView) -> dict[str, Any]: ...
 
     @classmethod
     def config_from_peft(cls, data: dict[str, Any], where: str) -> dict[str, Any]: ...
@@ -175,4 +198,4 @@ def check_options(variant: VariantClass, given: dict[str, Any], where: str) -> d
     return out
 
 
-__all__ = ["Abilities", "Adapter", "Option", "TrainingHook", "VariantClass", "check_options"]
+__all__ = ["Abilities", "Adapter", "BaseLayer", "ConfigView", "Option", "TrainingHook", "VariantClass", "check_options"]
