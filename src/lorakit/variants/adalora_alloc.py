@@ -38,12 +38,13 @@ class AdaloraAllocator:
     def update_importance(self) -> None:
         """One EMA update of sensitivity and uncertainty from the current weights and gradients."""
         params = self._tensors()
-        if any(p.grad is None for p in params):  # a step without gradients (frozen or unused layer): skip it
+        grads = [p.grad for p in params if p.grad is not None]
+        if len(grads) != len(params):  # a step without gradients (frozen or unused layer): skip it
             return
         if self.avg_ipt is None or self.avg_unc is None:
             self.avg_ipt = [torch.zeros_like(p, dtype=torch.float32) for p in params]
             self.avg_unc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        update_importance([p.detach().float() for p in params], [p.grad.float() for p in params],
+        update_importance([p.detach().float() for p in params], [g.float() for g in grads],
                           self.avg_ipt, self.avg_unc, self.beta1, self.beta2)
 
     def scores(self) -> list[torch.Tensor]:

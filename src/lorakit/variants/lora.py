@@ -67,7 +67,7 @@ class LoraAdapter(nn.Module):
         """
         if config.lora_bias:
             for path in paths:
-                module = model.get_submodule(path)
+                module: Any = model.get_submodule(path)
                 kind = module.kind if hasattr(module, "adapters") else kind_of(module)  # a LoraLayer knows its kind
                 if kind is not None and kind.name not in LORA_BIAS_KINDS:
                     raise TargetError(f"module {path!r} ({kind.name}): lora_bias=True needs a Linear, GPT-2 Conv1D or "
