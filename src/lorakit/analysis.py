@@ -27,16 +27,10 @@ from typing import Any
 import torch
 
 from .errors import AdapterFileError, ShapeMismatchError
+from .io.format import PREFIX, factor_suffixes
 from .variants import variant_for
 
 DEFAULT_RANK_TOL = 1e-3
-_PREFIX = "base_model.model."
-_FACTOR_KEYS = {  # key suffix -> (factor, layer kind)
-    ".lora_A.weight": ("A", "linear"),
-    ".lora_B.weight": ("B", "linear"),
-    ".lora_embedding_A": ("A", "embedding"),
-    ".lora_embedding_B": ("B", "embedding"),
-}
 
 
 # -- pure math -------------------------------------------------------------------------------------------
@@ -104,10 +98,10 @@ def _group_factors(tensors: dict[str, torch.Tensor], where: Path) -> tuple[dict[
     modules: dict[str, dict[str, Any]] = {}
     other = 0
     for key, tensor in tensors.items():
-        for suffix, (factor, kind) in _FACTOR_KEYS.items():
+        for suffix, (factor, kind) in factor_suffixes().items():  # io.format: every layer kind's A / B keys
             if key.endswith(suffix):
                 path = key[:-len(suffix)]
-                path = path[len(_PREFIX):] if path.startswith(_PREFIX) else path
+                path = path[len(PREFIX):] if path.startswith(PREFIX) else path
                 entry = modules.setdefault(path, {"kind": kind})
                 if tensor.dim() > 2:
                     entry["kind"] = "conv"

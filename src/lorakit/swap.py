@@ -28,7 +28,8 @@ from . import model as M
 from .config import LoraConfig
 from .errors import AdapterFileError, ConfigError, MergeError, ShapeMismatchError
 from .io.files import CONFIG_NAME, read_config, read_weights
-from .io.peft import _IGNORED_INFIXES, PREFIX, adapter_state
+from .io.format import PREFIX, is_ignored
+from .io.peft import adapter_state
 from .layers import LoraLayer
 from .names import check_adapter_name
 from .variants import LoraAdapter, variant_named
@@ -235,7 +236,7 @@ def _plan(
 ) -> tuple[list[_LayerUpdate], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Validate the whole file against adapter `name`; return the per-module updates and the other copies
     (modules_to_save, biases, a targeted embedding's base weight) as (target, source) pairs."""
-    tensors = {k: v for k, v in tensors.items() if not any(w in k for w in _IGNORED_INFIXES)}
+    tensors = {k: v for k, v in tensors.items() if not is_ignored(k)}
     layers = _layers(model, name)
     updates: list[_LayerUpdate] = []
     module_keys: set[str] = set()

@@ -21,8 +21,7 @@ from ..layer_kinds import check_supported
 from ..layers import LoraLayer
 from ..targeting import iter_candidate_modules
 from ..variants import variant_for
-
-PREFIX = "base_model.model."
+from .format import PREFIX
 
 
 def rank_field(config: LoraConfig, path: str) -> str:

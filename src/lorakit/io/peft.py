@@ -12,7 +12,7 @@ An adapter not named "default" is saved in <dir>/<name>/, as PEFT does.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,7 +25,6 @@ from ..layers import LoraLayer, SavedModule
 from ..names import check_adapter_name
 from ..targeting import is_target, iter_candidate_modules, output_head_names
 from ..variants import variant_for
-from ..variants.registry import file_key_suffixes
 from . import checks, residual, vllm
 from .files import (
     CONFIG_NAME,
@@ -36,12 +35,7 @@ from .files import (
     write_json,
     write_safetensors,
 )
-
-PREFIX = "base_model.model."
-# parameters inside these belong to an adapter or a modules_to_save wrapper, not to the base model
-_WRAPPER_INFIXES = (".adapters.", ".copies.", ".original_module.")
-# keys PEFT writes that lorakit does not need: the frozen original / PEFT's in-memory copy names
-_IGNORED_INFIXES = (".modules_to_save.", ".original_module.")
+from .format import PREFIX, WRAPPER_INFIXES, is_ignored, module_paths
 
 
 def adapter_dir(path: str | Path, name: str) -> Path:
@@ -72,7 +66,7 @@ def _bias_state(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]
         return {}
     state: dict[str, torch.Tensor] = {}
     for pname, param in model.named_parameters():
-        if not pname.endswith("bias") or any(w in pname for w in _WRAPPER_INFIXES):
+        if not pname.endswith("bias") or any(w in pname for w in WRAPPER_INFIXES):
             continue
         owner_path = pname.rsplit(".", 1)[0]
         if config.bias == "lora_only" and not owner_path.endswith(".base_layer"):
@@ -162,23 +156,6 @@ def values_in(
     return {k: state_dict.get(model_key.get(id(t), ""), t) for k, t in state.items()}
 
 
-def _module_paths_in(keys: list[str], where: Path, shared: Collection[str] = ()) -> list[str]:
-    suffixes = tuple(f".{suffix}" for suffix in file_key_suffixes())  # what every registered variant writes
-    paths: list[str] = []
-    for key in keys:
-        if not key.startswith(PREFIX):
-            if key in shared:  # tensors shared by all layers (VeRA's projections): keys of their own
-                continue
-            raise AdapterFileError(f"{where}: key {key!r} does not start with {PREFIX!r}: not a PEFT LoRA file")
-        for suffix in suffixes:
-            if key.endswith(suffix):
-                module = key[len(PREFIX):-len(suffix)]
-                if module not in paths:
-                    paths.append(module)
-                break
-    return paths
-
-
 def load_adapter(
     model: nn.Module, path: str | Path, name: str = "default", trainable: bool = False
 ) -> nn.Module:
@@ -214,7 +191,7 @@ def load_adapter(
         header = vllm.read_shapes(directory) if (directory / WEIGHTS_NAME).is_file() else None
         tensors = read_weights(directory) if header is None else None
         shapes = header[0] if header is not None else {k: tuple(v.shape) for k, v in tensors.items()}
-        paths = _module_paths_in(list(shapes), directory, variant_for(config).shared_keys)
+        paths = module_paths(list(shapes), directory, variant_for(config).shared_keys)
         known = {p for p, _ in iter_candidate_modules(model)}
         missing = [p for p in paths if p not in known]
         if missing:
@@ -243,7 +220,7 @@ def _copy_into(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], wh
     for layer in M.lora_layers(model):  # PEFT also saves a targeted embedding's full base weight
         if name in layer.adapters and f"{PREFIX}{layer.path}.base_layer.weight" in tensors:
             targets[f"{PREFIX}{layer.path}.base_layer.weight"] = layer.base_layer.weight
-    tensors = {k: v for k, v in tensors.items() if not any(w in k for w in _IGNORED_INFIXES)}
+    tensors = {k: v for k, v in tensors.items() if not is_ignored(k)}
     unexpected = [k for k in tensors if k not in targets]
     if unexpected:
         raise AdapterFileError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all)")

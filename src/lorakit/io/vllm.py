@@ -31,12 +31,12 @@ from ..config import match_pattern_key
 from ..errors import AdapterFileError
 from ..ops.lora import lora_scaling
 from .files import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config, read_weights
+from .format import PREFIX  # vLLM reads PEFT's prefix
 from .residual import RESIDUAL_KEY
 
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's LoRAConfig.max_lora_rank default
 REFUSED = "refused"  # vLLM's loader raises
 WRONG = "wrong"  # vLLM loads the file and computes something other than what was trained
-PREFIX = "base_model.model."
 LORA_SUFFIXES = {  # key suffix -> (factor, the name vLLM parses)
     ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
 }
