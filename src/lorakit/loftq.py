@@ -23,6 +23,7 @@ from .quant.nf4 import dequantize_nf4, quantize_nf4
 
 if TYPE_CHECKING:
     from .config import LoraConfig
+    from .variants.lora import LoraAdapter
 
 LOFTQ_BLOCKSIZE = 64  # bitsandbytes' default for 4-bit, as PEFT's loftq_init uses
 
@@ -41,13 +42,14 @@ def _in_stored_layout(
 
 
 @torch.no_grad()
-def apply_loftq_init(base_layer: nn.Module, adapter: nn.Module, config: LoraConfig) -> None:
+def apply_loftq_init(base_layer: nn.Module, adapter: LoraAdapter, config: LoraConfig) -> None:
     """Set `adapter`'s A, B by LoftQ from `base_layer`'s weight W0 and leave the dequantised NF4 Q in the weight.
 
     Computed in fp32; A and B are stored in the adapter's dtype and Q in the weight's dtype.
     """
     kind = adapter.kind
     weight = base_layer.weight
+    assert isinstance(weight, torch.Tensor)  # Linear / GPT-2 Conv1D (check_residual_targets refused the rest)
     w0 = kind.to_weight_layout(weight.detach()).float()  # (d, k)
     iters = config.loftq_config["loftq_iter"]
     q, lora_A, lora_B = loftq_factors(w0, adapter.r, adapter.scale, iters, _in_stored_layout(kind.to_weight_layout))
