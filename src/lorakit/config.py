@@ -99,6 +99,10 @@ class LoraConfig:
             _check_choice("init", self.init, INITS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         self.loftq_config = check_loftq_config(self.loftq_config, self.init == "loftq", "LoraConfig.loftq_config")
+        peft_type = variant_named(self.method).peft_type
+        if self.init == "loftq" and peft_type != "LORA":
+            raise ConfigError(f"LoraConfig.init='loftq' is an init of LoRA files (peft_type LORA); method "
+                              f"{self.method!r} writes {peft_type} files and has none (PEFT refuses it too)")
         if self.lora_bias and self.init not in ("kaiming", "random"):
             raise ConfigError(f"LoraConfig.lora_bias=True needs init 'kaiming' or 'random' (PEFT: init_lora_weights "
                               f"True or False), found init={self.init!r}")

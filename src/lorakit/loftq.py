@@ -56,6 +56,7 @@ def apply_loftq_init(base_layer: nn.Module, adapter: LoraAdapter, config: LoraCo
     adapter.lora_A.copy_(lora_A)
     adapter.lora_B.copy_(lora_B)
     weight.copy_(kind.to_weight_layout(q))
+    adapter.reset_extras(base_layer)  # DoRA: m = ||Q + s B A||_row, so the layer starts at Q + s B A (as PEFT)
 
 
 __all__ = ["LOFTQ_BLOCKSIZE", "apply_loftq_init", "nf4_round_trip"]

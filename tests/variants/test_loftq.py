@@ -227,3 +227,16 @@ def test_a_loftq_run_saved_with_its_base_loads_in_peft_and_lorakit(tmp_path: Pat
     again = lorakit.load_adapter(auto.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     assert max_abs_diff(_logits(again, ids), want) < ATOL
     assert max_abs_diff(_logits(auto.from_pretrained(tmp_path / "model"), ids), want) < ATOL
+
+
+def test_dora_starts_at_q_plus_sba_and_other_file_types_are_refused() -> None:
+    ids = token_ids()
+    cfg = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "init": "loftq"}
+    lora = lorakit.attach(tiny_llama(), lorakit.LoraConfig(**cfg))
+    dora = lorakit.attach(tiny_llama(), lorakit.LoraConfig(method="dora", **cfg))
+    assert max_abs_diff(_logits(dora, ids), _logits(lora, ids)) < ATOL  # the magnitude is ||Q + s B A||: c = 1
+    from test_contract import VARIANT_CONFIGS  # each registered method's minimal config
+
+    for method in (m for m, cls in lorakit.variants.VARIANTS.items() if cls.peft_type != "LORA"):
+        with pytest.raises(ConfigError, match=f"init='loftq'.*method '{method}'"):
+            lorakit.LoraConfig(**VARIANT_CONFIGS[method], init="loftq")
