@@ -27,8 +27,10 @@ from ..io import save_adapter
 from ..io.files import read_weights
 from ..io.peft import adapter_state
 from ..io.publish import publishing
+from ..model import lora_layers
 
 STATE_NAME = "trainer_state.json"
+BASE_NAME = "base_weights.safetensors"  # the adapted layers' base weights, for variants that train them (Delta-LoRA)
 # TrainConfig fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them
 TRAJECTORY_FIELDS = (
     "model", "data", "task", "eval_data", "eval_fraction", "max_length", "packing", "completion_only", "method",
@@ -84,6 +86,9 @@ def save_checkpoint(
         if method == "lora":
             # as trained (PiSSA / OLoRA: the residual form the resumed run attaches again), not for serving
             save_adapter(model, tmp / "adapter", convert_to_lora=False, vllm_check=False, state_dict=weights)
+            moved = moved_base_weights(model)  # Delta-LoRA: the base weights training changed
+            if moved:
+                save_file({k: v.detach().cpu().contiguous() for k, v in moved.items()}, str(tmp / BASE_NAME))
         else:
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -97,6 +102,16 @@ def save_checkpoint(
         if protect is None or old != Path(protect):
             remove_by_renaming(old)
     return final
+
+
+def moved_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{"<layer path>.base_layer.weight": weight} of the layers whose adapter's variant changes W0 in training
+    (abilities.trains_base: Delta-LoRA); empty for every other adapter."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in lora_layers(model):
+        if any(adapter.abilities.trains_base for adapter in layer.adapters.values()):
+            out[f"{layer.path}.base_layer.weight"] = layer.base_layer.weight
+    return out
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -208,6 +223,14 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
             missing, truncated or corrupt (the file is named).
     """
     if method == "lora":
+        moved = moved_base_weights(model)
+        if moved:  # Delta-LoRA: W0 as the checkpoint's step left it
+            base = _load(directory / BASE_NAME, lambda f: load_file(str(f)))
+            if set(base) != set(moved):
+                raise ResumeError(f"--resume {directory}: {BASE_NAME} holds other layers than this run's")
+            with torch.no_grad():
+                for key, tensor in moved.items():
+                    copy_whole_(tensor, base[key])
         saved = read_weights(directory / "adapter")
         live = adapter_state(model, "default")
         if set(saved) != set(live):

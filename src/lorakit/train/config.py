@@ -223,8 +223,11 @@ class TrainConfig:
                 LoraConfig(init=self.init)
             except ConfigError as err:
                 raise ConfigError(f"init: {err}") from err
+            options = dict(self.method_options)
+            if "total_step" in VARIANTS[adapter_method(self.method)].options:
+                options.setdefault("total_step", 10**9)  # the run fills in its own steps (loop.with_planned_steps)
             try:  # the method's options, checked by its variant's declared Options
-                LoraConfig(method=adapter_method(self.method), options=self.method_options)
+                LoraConfig(method=adapter_method(self.method), options=options)
             except ConfigError as err:
                 raise ConfigError(f"method_options: {err}") from err
         elif self.method_options:

@@ -6,6 +6,8 @@ Seeds are set here, before the adapter's init, so one seed fixes init, data orde
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,11 +20,13 @@ from .. import model as M
 from ..config import LoraConfig
 from ..distributed import fsdp
 from ..distributed.env import Dist, process_group
+from ..distributed.sampler import micro_batches_per_epoch
 from ..errors import LorakitError
 from ..heap import tune_for_training
 from ..io.files import atomic_write
 from ..io.lock import directory_lock
 from ..loading import options
+from ..variants import variant_named
 from . import loggers, rundir
 from .callbacks import Callback
 from .config import TrainConfig, adapter_method
@@ -52,6 +56,20 @@ def attach_for_training(model: nn.Module, cfg: TrainConfig, task: str) -> None:
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM", base_model_name_or_path=_base_name(cfg.model),
     )
     M.attach(model, lora)
+
+
+def with_planned_steps(cfg: TrainConfig, n_train: int, world_size: int) -> TrainConfig:
+    """cfg with the run's optimizer steps as the method's `total_step` option when it has one the user did not give
+    (AdaLoRA's budget schedule ends there); cfg itself otherwise. Only the adapter sees it: the run's config, its
+    checkpoints and its resume checks keep the options as given."""
+    if cfg.method == "full":
+        return cfg
+    variant = variant_named(adapter_method(cfg.method))
+    if "total_step" not in variant.options or cfg.method_options.get("total_step") is not None:
+        return cfg
+    per_epoch = micro_batches_per_epoch(n_train, cfg.per_device_train_batch_size, world_size)
+    _, total = rundir.schedule_horizon(cfg, None, math.ceil(per_epoch / cfg.gradient_accumulation_steps))
+    return dataclasses.replace(cfg, method_options={**cfg.method_options, "total_step": total})
 
 
 def _base_name(model: str | None) -> str | None:
@@ -174,7 +192,7 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
         check_quantized(model, cfg)
     elif cfg.quantize and not residual_init:
         quantize_base(model, cfg, task, device)
-    attach_for_training(model, cfg, task)
+    attach_for_training(model, with_planned_steps(cfg, len(datasets.train), dist.world_size), task)
     if cfg.quantize and residual_init:  # QPiSSA: factor the full-precision W0, then quantise only the residual
         quantize_base(model, cfg, task, device)
     if cfg.gradient_checkpointing:

@@ -25,9 +25,11 @@ from ..distributed.env import Dist
 from ..errors import ConfigError
 from ..heap import tune_for_training
 from ..io import save_adapter
+from ..io.delta_lora import save_delta_lora
 from ..io.lock import directory_lock
 from ..io.publish import publishing
 from ..optim import loraplus_optimizer
+from ..variants import variant_for
 from . import checkpoint as ckpt
 from . import precision, rundir
 from .batching import Batches, default_collate, evaluate, to_device
@@ -128,7 +130,7 @@ class Trainer:
         self._extra: dict[str, Any] = {}
         self.progress = Progress(bar=cfg.progress)
         self.callbacks = self._default_callbacks(callbacks or [])
-        self.step_hooks = training_hooks(model)  # variants acting after the optimizer step (AdaLoRA, Delta-LoRA)
+        self.step_hooks: list[Any] = []  # variants acting after the optimizer step (AdaLoRA, Delta-LoRA): fit() makes them
         # what forward runs through: DDP all-reduces the gradients; a sharded model reduce-scatters its own
         self.train_model = model if self.sharded else wrap_ddp(model, self.dist)
 
@@ -257,6 +259,7 @@ class Trainer:
         loggers = make_loggers(cfg.report_to, self.out_dir, cfg.to_dict()) if self.dist.is_main else []
         self.callbacks.extend(loggers)
         step, final = self.start_step, {}
+        self.step_hooks = training_hooks(self.model)  # after a resume: they start from the checkpoint's weights
         try:
             for callback in self.callbacks:
                 callback.on_train_begin(self)
@@ -337,6 +340,10 @@ class Trainer:
         return saved
 
     def _save_final(self, weights: dict[str, torch.Tensor] | None) -> Path:
+        if self.saves == "lora" and variant_for(M.get_config(self.model, "default")).abilities.trains_base:
+            # Delta-LoRA: W0 changed too: out/model (merged, loads with from_pretrained) and out/adapter (on W0')
+            save_delta_lora(self.model, self.out_dir, tokenizer=self.tokenizer, with_base=True)
+            return self.out_dir / "model"
         if self.saves == "lora":
             convert = M.get_config(self.model, "default").residual_init
             saved = save_adapter(self.model, self.out_dir / "adapter", convert_to_lora=convert, state_dict=weights)

@@ -1,0 +1,80 @@
+"""`lorakit train --method adalora | vera | delta_lora` end to end on a tiny Llama directory: the variant is attached
+from the flags, its step hook runs inside lorakit's Trainer, and the run saves what the variant saves (PEFT's
+ADALORA / VERA files; Delta-LoRA's merged model and changed base); a Delta-LoRA checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import lorakit
+from lorakit.cli.main import main
+
+RECORDS = [{"prompt": f"what is {a} plus {b} ?", "completion": f" {(a + b) % 10}"} for a in range(4) for b in range(4)]
+STEPS = 6
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return path
+
+
+def _argv(model_dir, data, out, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-steps", str(STEPS),
+            "--batch-size", "4", "--learning-rate", "1e-2", "--progress", "false", "--logging-steps", "1",
+            "--diagnostics-steps", "0", "--lora-dropout", "0", "--seed", "3", "--r", "4", *extra]
+
+
+def _losses(out) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_adalora_run_fills_total_step_and_saves_its_rank_pattern(tmp_path, causal_lm_dir, data_file):
+    out = tmp_path / "adalora"
+    assert main(_argv(causal_lm_dir, data_file, out, "--method", "adalora",
+                      "--method-options", "target_r=2,tinit=1,tfinal=1,deltaT=1")) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == STEPS  # the run's steps, filled in
+    assert config["rank_pattern"], "the allocation left no rank pattern"
+    kept = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert sum(kept) <= 2 * len(kept) < 4 * len(kept)  # the budget fell from r=4 to target_r=2 per layer
+    resolved = (out / "train_config.yaml").read_text()
+    assert "total_step" not in resolved  # the run's own config keeps the options as given
+
+
+def test_vera_run_trains_only_the_scaling_vectors_and_reloads(tmp_path, causal_lm_dir, data_file):
+    out = tmp_path / "vera"
+    assert main(_argv(causal_lm_dir, data_file, out, "--method", "vera", "--target-modules", "q_proj,v_proj")) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "VERA"
+    tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    lambdas = {k: v for k, v in tensors.items() if "vera_lambda" in k}
+    assert lambdas and any(v.abs().max() > 0 for k, v in lambdas.items() if "lambda_b" in k)  # lambda_b left zero
+    model = lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(causal_lm_dir), out / "adapter")
+    assert lorakit.get_config(model).method == "vera"
+
+
+def test_delta_lora_run_saves_the_merged_model_and_resumes_with_its_moved_base(tmp_path, causal_lm_dir, data_file):
+    out = tmp_path / "delta"
+    flags = ("--method", "delta_lora", "--method-options", "update_start_step=1,delta_lambda=0.5",
+             "--target-modules", "q_proj,v_proj", "--save-steps", "3")
+    assert main(_argv(causal_lm_dir, data_file, out, *flags)) == 0
+    original = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[name], original.state_dict()[name])
+    assert (out / "checkpoints" / "step-0000003" / "base_weights.safetensors").is_file()
+    resumed = tmp_path / "resumed"
+    assert main(["train", "--resume", str(out / "checkpoints" / "step-0000003"), "--out", str(resumed),
+                 "--progress", "false"]) == 0
+    assert _losses(resumed) == pytest.approx(_losses(out)[3:], abs=1e-6)  # steps 4..6 again, on the moved base
+    again = AutoModelForCausalLM.from_pretrained(resumed / "model")
+    for key, tensor in merged.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], tensor, atol=1e-6, rtol=0, msg=key)
