@@ -78,3 +78,22 @@ def test_delta_lora_run_saves_the_merged_model_and_resumes_with_its_moved_base(t
     again = AutoModelForCausalLM.from_pretrained(resumed / "model")
     for key, tensor in merged.state_dict().items():
         torch.testing.assert_close(again.state_dict()[key], tensor, atol=1e-6, rtol=0, msg=key)
+
+
+def test_loftq_run_saves_its_q_base_beside_the_adapter(tmp_path, causal_lm_dir, data_file):
+    out = tmp_path / "loftq"
+    assert main(_argv(causal_lm_dir, data_file, out, "--init", "loftq", "--target-modules", "q_proj,v_proj")) == 0
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    original = AutoModelForCausalLM.from_pretrained(causal_lm_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base.state_dict()[name], original.state_dict()[name])  # Q, not W0
+    trained = lorakit.load_adapter(base, out / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = torch.tensor([[1, 5, 7, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(trained(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4, rtol=0)
+
+
+def test_loftq_with_an_nf4_run_is_refused_by_name(tmp_path, causal_lm_dir, data_file, capsys):
+    assert main(_argv(causal_lm_dir, data_file, tmp_path / "o", "--init", "loftq", "--quantize", "nf4")) == 2
+    assert "init loftq with quantize nf4" in capsys.readouterr().err

@@ -340,8 +340,10 @@ class Trainer:
         return saved
 
     def _save_final(self, weights: dict[str, torch.Tensor] | None) -> Path:
-        if self.saves == "lora" and variant_for(M.get_config(self.model, "default")).abilities.trains_base:
-            # Delta-LoRA: W0 changed too: out/model (merged, loads with from_pretrained) and out/adapter (on W0')
+        lora = M.get_config(self.model, "default") if self.saves == "lora" else None
+        if lora is not None and (variant_for(lora).abilities.trains_base or lora.init == "loftq"):
+            # the base changed (Delta-LoRA in training, LoftQ at init): out/model (merged, loads with
+            # from_pretrained alone), out/base (W0' / Q) and out/adapter (on that base)
             save_delta_lora(self.model, self.out_dir, tokenizer=self.tokenizer, with_base=True)
             return self.out_dir / "model"
         if self.saves == "lora":
