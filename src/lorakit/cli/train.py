@@ -109,6 +109,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", metavar="RUN.YAML", help="YAML file with any of the options below")
     parser.add_argument("--quick", action="store_true", help="embedded demo only: a small, fast version")
+    parser.add_argument("--methods", metavar="M1,M2,...",
+                        help="embedded demo only: the methods of the table, in order (default lora,full; e.g. "
+                             "lora,dora,adalora,vera,lora_fa,delta_lora,full)")
     helps, types_ = field_help(), field_types()
     for f in dataclasses.fields(TrainConfig):
         _add_field(parser, f, types_[f.name], helps.get(f.name, ""))
@@ -120,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = rundir.train_config(args.config, overrides)  # resuming: the checkpoint's own configuration first
     if cfg.model is None and cfg.data is None:
         return _run_demo(cfg, overrides, args)
+    if args.methods is not None:  # a flag of the demo's only: refused, not dropped
+        raise ConfigError("--methods is for the embedded demo (no --model and no --data); to train one method on "
+                          "your own data give --method")
     if cfg.model is None or cfg.data is None:
         missing = "--model" if cfg.model is None else "--data"
         raise ConfigError(f"{missing} is required when the other is given (give neither for the embedded demo)")
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_FLAGS = ("out", "seed", "device")  # what the embedded demo takes besides --quick; it fixes everything else
+DEMO_FLAGS = ("out", "seed", "device")  # what the embedded demo takes besides --quick and --methods; it fixes the rest
 
 
 def _run_demo(cfg: TrainConfig, overrides: dict[str, object], args: argparse.Namespace) -> int:
@@ -137,14 +143,18 @@ def _run_demo(cfg: TrainConfig, overrides: dict[str, object], args: argparse.Nam
     ignored = sorted(name for name in overrides if name not in DEMO_FLAGS)
     if ignored or args.config:
         given = ", ".join(["--config"] * bool(args.config) + [f"--{n.replace('_', '-')}" for n in ignored])
-        raise ConfigError(f"the embedded demo (no --model and no --data) takes only --out, --seed, --device and "
-                          f"--quick; {given} would be ignored: give --model and --data to train your own run")
+        raise ConfigError(f"the embedded demo (no --model and no --data) takes only --out, --seed, --device, "
+                          f"--methods and --quick; {given} would be ignored: give --model and --data to train your "
+                          "own run")
+    from ..demo.family import parse_methods
     from ..loading.options import resolve_device
+
+    methods = parse_methods(args.methods)  # an unknown method: refused by name before anything runs
 
     resolve_device(cfg.device)  # a device that is not there: an error before anything is written
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this process is the CLI's own: MiniLM is local, never fetched
     from ..demo.compare import run_demo
 
     run_demo(out_dir=cfg.out if "out" in overrides else "runs/demo", seed=cfg.seed, quick=args.quick,
-             device=cfg.device)
+             device=cfg.device, methods=methods)
     return 0

@@ -1,26 +1,26 @@
-"""The embedded default of `lorakit train`: LoRA vs full fine-tuning of all-MiniLM-L6-v2 on a task built from
-the standard library's docstrings (see stdlib_docs), with a table like the LoRA paper's.
+"""The embedded default of `lorakit train`: LoRA vs full fine-tuning of all-MiniLM-L6-v2 (or, with --methods, the
+whole adapter family) on a task built from the standard library's docstrings, with a table like the LoRA paper's.
 
-Both runs start from the same checkpoint, the same new head (same seed) and the same fixed split; each is
-timed and its peak memory measured on its own. LoRA's adapter is saved in PEFT's format, the fully
-fine-tuned model with ``save_pretrained``; the table reports what each takes on disk.
+Every run starts from the same checkpoint, the same new head (same seed) and the same fixed split; each is
+timed and its peak memory measured on its own. Adapters are saved in PEFT's format, the fully fine-tuned model
+with ``save_pretrained``; the table reports what each takes on disk. The family's settings: family.py.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import minilm
+from . import family, minilm
 from .stdlib_docs import DEFAULT_PACKAGES, DocDataset, build_dataset
 
 # LoRA (r=8) on the query, value and attention-output projections and the feed-forward up-projection of
@@ -56,12 +56,37 @@ class DemoSettings:
     full_learning_rate: float = 1e-4
     full_epochs: float = 4.0
     device: str = "auto"  # lorakit train's --device: auto (CUDA when there is one) | cpu | cuda | cuda:N
+    # the rest of the family (--methods; see family.plan). DoRA and LoRA-FA train exactly as LoRA above (r, alpha,
+    # dropout, lr, epochs): DoRA only adds a magnitude vector, LoRA-FA only freezes A; the others as follows.
+    # VeRA: r=256 is PEFT's VeraConfig default (the paper's GLUE runs use r=1024; its shared A, B are frozen, so a
+    # larger r adds compute, not trainable parameters). Its trained vectors need a larger learning rate than LoRA's
+    # A, B (the paper tunes them at several times LoRA's rate); 4e-3 is twice LoRA's here. d_initial 0.1: PEFT's
+    # default (and the paper's). Same epochs as LoRA.
+    vera_r: int = 256
+    vera_learning_rate: float = 4e-3
+    vera_d_initial: float = 0.1
+    # AdaLoRA: init_r 12 -> target_r 8 are PEFT's AdaLoraConfig defaults; the final average rank is LoRA's r. alpha is
+    # scaled so that s = alpha / init_r equals LoRA's alpha / r. The schedule is a share of the run's steps, shaped
+    # as PEFT's AdaLoraConfig example (tinit 10, tfinal 20 of 100 steps); a masking every 1% of the steps (AdaLoRA's
+    # GLUE scripts mask every 100 of ~10^4 steps). total_step: the run's own (lorakit.train.loop fills it in).
+    adalora_init_r: int = 12
+    adalora_target_r: int = 8
+    adalora_tinit_fraction: float = 0.1
+    adalora_tfinal_fraction: float = 0.2
+    adalora_deltaT_fraction: float = 0.01
+    # Delta-LoRA: lambda 0.5 (the paper's and lorakit's default); W0 starts moving a quarter into the run, once the
+    # warm-up (6%) is over and B A has left its zero start (the paper's K=500 is for much longer runs); dropout 0
+    # (Delta-LoRA refuses dropout, as the paper trains without).
+    delta_lambda: float = 0.5
+    delta_start_fraction: float = 0.25
 
     def for_method(self, method: str) -> tuple[float, float]:
-        """(learning rate, epochs) of a run."""
-        if method == "lora":
-            return self.lora_learning_rate, self.lora_epochs
-        return self.full_learning_rate, self.full_epochs
+        """(learning rate, epochs) of a run: full fine-tuning's, VeRA's, or LoRA's (every other adapter)."""
+        if method == "full":
+            return self.full_learning_rate, self.full_epochs
+        if method == "vera":
+            return self.vera_learning_rate, self.lora_epochs
+        return self.lora_learning_rate, self.lora_epochs
 
 
 QUICK = DemoSettings(packages=("email", "logging"), max_train_per_label=50, max_test_per_label=20,
@@ -145,16 +170,17 @@ class PeakMemory:
 
 
 # -- training: one run through `lorakit train`'s loop ------------------------------------------------------
-def train_config(method: str, s: DemoSettings, seed: int, out: Path, steps_hint: int = 0) -> Any:
-    """The TrainConfig of one of the two runs (what `lorakit train --method lora|full ...` would take)."""
+def train_config(method: str, s: DemoSettings, seed: int, out: Path, n_train: int = 0) -> Any:
+    """The TrainConfig of one run: what `lorakit train --method <method> ...` takes (settings: family.plan)."""
     from ..train.config import TrainConfig
 
-    learning_rate, epochs = s.for_method(method)
+    p = family.plan(method, s, n_train)
+    steps_hint = family.planned_steps(n_train, s.batch_size, p.epochs)
     return TrainConfig(
         model=str(minilm.model_dir()), out=str(out), task="classification", method=method,
-        max_length=s.max_length, r=s.r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
-        target_modules=list(s.target_modules), learning_rate=learning_rate, epochs=epochs,
-        per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size,
+        method_options=dict(p.options), max_length=s.max_length, r=p.r, lora_alpha=p.lora_alpha,
+        lora_dropout=p.lora_dropout, target_modules=list(s.target_modules), learning_rate=p.learning_rate,
+        epochs=p.epochs, per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.eval_batch_size,
         warmup_ratio=s.warmup_ratio, lr_scheduler_type=s.lr_scheduler_type, weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm, seed=seed, logging_steps=max(10, steps_hint // 8), device=s.device,
     )
@@ -162,18 +188,16 @@ def train_config(method: str, s: DemoSettings, seed: int, out: Path, steps_hint:
 
 def _fit(method: str, model: torch.nn.Module, tokenizer: Any, data: DocDataset, s: DemoSettings, seed: int,
          out: Path) -> dict[str, Any]:
-    """Train (LoRA is attached by the loop, the head as modules_to_save), evaluate on the test split, save."""
+    """Train (the adapter is attached by the loop, the head as modules_to_save), evaluate on the test split, save."""
     from ..train.loop import train
 
-    _, epochs = s.for_method(method)
-    steps_hint = math.ceil(epochs * math.ceil(len(data.train) / s.batch_size))
-    cfg = train_config(method, s, seed, out, steps_hint)
+    cfg = train_config(method, s, seed, out, len(data.train))
     result = train(cfg, model=model, tokenizer=tokenizer, train_records=data.train, eval_records=data.test)
     return {"steps": result.steps, "first_loss": result.losses[0],
             "last_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
             "train_seconds": result.seconds, "test_accuracy": result.eval["eval_accuracy"],
             "test_loss": result.eval["eval_loss"], "trainable_params": result.trainable,
-            "saved_to": str(result.saved_dir)}
+            "saved_to": str(result.saved_dir), "method_options": dict(cfg.method_options), "r": cfg.r}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -183,10 +207,10 @@ def _dir_bytes(path: Path) -> int:
 # -- one run ----------------------------------------------------------------------------------------------
 def run_one(method: str, data: DocDataset, tokenizer: Any, out_dir: Path, s: DemoSettings, seed: int,
             log: Any = print) -> dict[str, Any]:
-    """Load MiniLM with a new head, train it (`method` "lora" or "full"), evaluate, save; measure it all.
+    """Load MiniLM with a new head, train it (`method`: any `lorakit train --method`), evaluate, save; measure it.
 
     Wall time and peak memory cover the whole run: loading, training, evaluation and saving."""
-    name = "LoRA" if method == "lora" else "full fine-tuning"
+    name = family.DISPLAY.get(method, method)
     learning_rate, epochs = s.for_method(method)
     log(f"\n== {name}: learning rate {learning_rate:g}, {epochs:g} epochs ==")
     memory = PeakMemory().start()
@@ -220,17 +244,16 @@ def _memory(run: dict[str, Any]) -> str:
 
 
 def format_table(runs: dict[str, dict[str, Any]], s: DemoSettings) -> str:
-    """The LoRA paper's table for the two runs, in markdown."""
-    full_acc = runs["full"]["test_accuracy"]
+    """The LoRA paper's table, one row per run in the order of `runs`, in markdown ("vs full FT": n/a without a
+    full fine-tuning run)."""
+    full_acc = runs["full"]["test_accuracy"] if "full" in runs else None
     head = ("| method | trainable params | trainable % | test accuracy | vs full FT | wall time | peak memory "
             "| saved size |")
     rows = [head, "|" + "---|" * 8]
-    names = {"lora": f"LoRA r={s.r}", "full": "full fine-tuning"}
-    for method in ("lora", "full"):
-        run = runs[method]
-        relative = run["test_accuracy"] / full_acc if full_acc else float("nan")
-        rows.append(f"| {names[method]} | {run['trainable_params']:,} | {run['trainable_percent']:.2f}% "
-                    f"| {100 * run['test_accuracy']:.1f}% | {100 * relative:.1f}% | {run['wall_seconds']:.0f} s "
+    for method, run in runs.items():
+        relative = f"{100 * run['test_accuracy'] / full_acc:.1f}%" if full_acc else "n/a"
+        rows.append(f"| {family.label(method, s)} | {run['trainable_params']:,} | {run['trainable_percent']:.2f}% "
+                    f"| {100 * run['test_accuracy']:.1f}% | {relative} | {run['wall_seconds']:.0f} s "
                     f"| {_memory(run)} | {_mb(run['disk_bytes'])} |")
     return "\n".join(rows)
 
@@ -243,14 +266,21 @@ def _where() -> str:
 
 # -- the demo ---------------------------------------------------------------------------------------------
 def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False,
-             settings: DemoSettings | None = None, log: Any = print, device: str | None = None) -> dict[str, Any]:
-    """Build the docstring task, fine-tune MiniLM with LoRA then fully, print and save the comparison.
+             settings: DemoSettings | None = None, log: Any = print, device: str | None = None,
+             methods: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """Build the docstring task, fine-tune MiniLM with each of `methods` in turn, print and save the comparison.
 
-    Writes into `out_dir`: lora/ and full/ (each run's `lorakit train` output: lora/adapter/ in PEFT format,
-    full/model/ from save_pretrained, their train_config.yaml and metrics.jsonl), metrics.jsonl (one line per
-    run, then a summary line) and table.md. Returns the numbers (and the table as text). `device` (lorakit
-    train's --device) overrides the settings' device.
+    `methods` (`lorakit train --methods`): names of `lorakit train --method` ("lora,dora,adalora,vera,lora_fa,
+    delta_lora,full"), the table's rows in that order; default LoRA then full fine-tuning. Each trains with the
+    settings of family.plan from the same checkpoint, head seed and split. Writes into `out_dir`: one folder per
+    method (its `lorakit train` output: lora/adapter/ in PEFT format, full/model/ from save_pretrained, their
+    train_config.yaml and metrics.jsonl), metrics.jsonl (one line per run, then a summary line) and table.md.
+    Returns the numbers (and the table as text). `device` (lorakit train's --device) overrides the settings' device.
+
+    Raises:
+        ConfigError: an unknown or repeated method name (before anything is built or written).
     """
+    names = family.parse_methods(methods)
     s = settings or (QUICK if quick else DemoSettings())
     if device is not None:
         s = replace(s, device=device)
@@ -262,28 +292,32 @@ def run_demo(out_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = Fal
     data_seconds = time.perf_counter() - start
     log(f"data: {data.describe()} [{data_seconds:.1f}s]")
     tokenizer = minilm.load_tokenizer()
-    runs = {method: run_one(method, data, tokenizer, out, s, seed, log) for method in ("lora", "full")}
-    ratio = runs["lora"]["test_accuracy"] / runs["full"]["test_accuracy"] if runs["full"]["test_accuracy"] else 0.0
+    runs = {method: run_one(method, data, tokenizer, out, s, seed, log) for method in names}
     table = format_table(runs, s)
     total_seconds = time.perf_counter() - start
     chance = 1.0 / len(data.labels)
-    summary = {
-        "lora_vs_full": ratio, "lora_trainable_percent": runs["lora"]["trainable_percent"],
-        "passed": ratio >= 0.97 and runs["lora"]["trainable_percent"] < 1.0,
-        "chance_accuracy": chance, "total_seconds": total_seconds, "seed": seed, "quick": quick,
-    }
+    summary: dict[str, Any] = {"methods": list(names), "chance_accuracy": chance, "total_seconds": total_seconds,
+                               "seed": seed, "quick": quick}
+    verdict = f"Total {total_seconds:.0f} s."
+    if "lora" in runs and "full" in runs:  # the default run's claim: LoRA within 3% of full FT with < 1% trainable
+        lora, full = runs["lora"], runs["full"]
+        ratio = lora["test_accuracy"] / full["test_accuracy"] if full["test_accuracy"] else 0.0
+        summary.update(lora_vs_full=ratio, lora_trainable_percent=lora["trainable_percent"],
+                       passed=ratio >= 0.97 and lora["trainable_percent"] < 1.0)
+        verdict = (f"LoRA reaches {100 * ratio:.1f}% of full fine-tuning's accuracy with "
+                   f"{lora['trainable_percent']:.2f}% of the parameters trainable; total {total_seconds:.0f} s.")
+    plans = [family.plan(method, s, len(data.train)) for method in names]
     caption = (f"Docstrings of the Python standard library, labelled by package: {data.describe()}. "
                f"Chance: {100 * chance:.1f}%. all-MiniLM-L6-v2, {s.max_length} tokens, batch {s.batch_size}; "
-               f"LoRA r={s.r}, alpha={s.lora_alpha:g} on {', '.join(s.target_modules)} + the classifier head, "
-               f"lr {s.lora_learning_rate:g}, {s.lora_epochs:g} epochs; full fine-tuning lr {s.full_learning_rate:g}, "
-               f"{s.full_epochs:g} epochs; seed {seed}. Wall time and peak memory (resident set of the process) "
-               f"cover loading, training, evaluation and saving, on {_where()}.")
-    verdict = (f"LoRA reaches {100 * ratio:.1f}% of full fine-tuning's accuracy with "
-               f"{runs['lora']['trainable_percent']:.2f}% of the parameters trainable; total {total_seconds:.0f} s.")
+               f"adapters on {', '.join(s.target_modules)} + the classifier head (trained in full). "
+               f"{'; '.join(family.describe(p) for p in plans)}; seed {seed}. Wall time and peak memory (resident "
+               f"set of the process) cover loading, training, evaluation and saving, on {_where()}."
+               + (" Delta-LoRA's saved size is its merged model (its base weights moved), as full fine-tuning's."
+                  if "delta_lora" in runs else ""))
     text = f"{table}\n\n{caption}\n\n{verdict}\n"
     (out / "table.md").write_text(text)
     with open(out / "metrics.jsonl", "w") as f:
-        for method in ("lora", "full"):
+        for method in names:
             f.write(json.dumps(runs[method]) + "\n")
         f.write(json.dumps({"summary": summary, "dataset": {"labels": data.labels, "counts": data.counts(),
                                                             **data.info}, "settings": asdict(s)}) + "\n")
