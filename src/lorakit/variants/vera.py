@@ -140,14 +140,10 @@ class VeraAdapter(LoraAdapter):
     def shared_file_tensors(cls, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         """PEFT's `base_model.vera_A` / `base_model.vera_B` of adapter `name` (the live buffers: a load copies into
         them) when its save_projection is on; none otherwise."""
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and isinstance(module.adapters[name] if name in module.adapters
-                                                            else None, cls):
-                projections = module.adapters[name].projections
-                if not projections.save_projection:
-                    return {}
-                return {SHARED_A: projections.vera_A, SHARED_B: projections.vera_B}
-        return {}
+        projections = projections_of(model, name)
+        if projections is None or not projections.save_projection:
+            return {}
+        return {SHARED_A: projections.vera_A, SHARED_B: projections.vera_B}
 
     @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:
@@ -225,8 +221,8 @@ class VeraAdapter(LoraAdapter):
 
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The LoRA pair (A[:, :k], diag(λ_b) B[:d] diag(λ_d)) of this layer, A frozen (ops.vera.vera_pair)."""
-        proj = self.projections
-        return vera_pair(proj.vera_A, proj.vera_B, self.vera_lambda_d, self.vera_lambda_b,
+        proj, device = self.projections, self.vera_lambda_d.device  # a layer on another device: a copy there
+        return vera_pair(proj.vera_A.to(device), proj.vera_B.to(device), self.vera_lambda_d, self.vera_lambda_b,
                          self.in_features, self.out_features)
 
     def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
@@ -246,9 +242,9 @@ class VeraAdapter(LoraAdapter):
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         """ΔW = diag(λ_b) B diag(λ_d) A in fp32, in the layout of `base_layer.weight`."""
-        proj = self.projections
-        delta = vera_delta_weight(proj.vera_A, proj.vera_B, self.vera_lambda_d, self.vera_lambda_b,
-                                  self.in_features, self.out_features)
+        proj, device = self.projections, self.vera_lambda_d.device
+        delta = vera_delta_weight(proj.vera_A.to(device), proj.vera_B.to(device), self.vera_lambda_d,
+                                  self.vera_lambda_b, self.in_features, self.out_features)
         return self.kind.to_weight_layout(delta)
 
     def merge_into(self, base_layer: nn.Module) -> None:
@@ -279,6 +275,16 @@ class VeraAdapter(LoraAdapter):
         return f"vera, kind={self.kind.name}, r={self.r}, d={self.out_features}, dropout={self.dropout:g}"
 
 
+def projections_of(model: nn.Module, name: str) -> VeraProjections | None:
+    """The shared projections of VeRA adapter `name` on `model` (None: no VeRA adapter of that name)."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.adapters:
+            adapter = module.adapters[name]
+            if isinstance(adapter, VeraAdapter):
+                return adapter.projections
+    return None
+
+
 def _refuse_unsupported(config: LoraConfig) -> None:
     """ConfigError for a LoraConfig field that VeRA (and PEFT's VeraConfig) has no meaning for."""
     if config.rank_pattern:
@@ -293,4 +299,4 @@ def _refuse_unsupported(config: LoraConfig) -> None:
                           f"lambda_b at zero; init must be 'kaiming' (the default)")
 
 
-__all__ = ["VeraAdapter", "VeraProjections"]
+__all__ = ["VeraAdapter", "VeraProjections", "projections_of"]
