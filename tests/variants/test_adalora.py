@@ -68,6 +68,23 @@ def test_orthogonality_regulariser_is_in_the_training_loss() -> None:
     assert all(a.lora_A.grad.abs().sum() > 0 for _, a in adalora_adapters(model, "default"))
 
 
+def test_the_regulariser_is_counted_once_after_delete_and_attach_again() -> None:
+    model, ids = tiny_llama(), token_ids()
+    lorakit.attach(model, adalora_config(orth_reg_weight=0.3))
+    lorakit.delete_adapter(model, "default")
+    lorakit.attach(model, adalora_config(orth_reg_weight=0.2))
+    with torch.no_grad():
+        model.eval()
+        plain = model(ids, labels=ids).loss
+        model.train()
+        with_reg = model(ids, labels=ids).loss
+    norms = []
+    for _, adapter in adalora_adapters(model, "default"):
+        a, b = adapter.lora_A.detach(), adapter.lora_B.detach()
+        norms += [torch.linalg.norm(a @ a.T - torch.eye(a.shape[0])), torch.linalg.norm(b.T @ b - torch.eye(b.shape[1]))]
+    assert abs((with_reg - plain).item() - 0.2 * torch.stack(norms).mean().item()) < 1e-5
+
+
 def test_no_regulariser_without_weight_or_in_eval() -> None:
     model, ids = tiny_llama(), token_ids()
     lorakit.attach(model, adalora_config(orth_reg_weight=0.0))

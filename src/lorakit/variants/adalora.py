@@ -155,6 +155,10 @@ class AdaloraAdapter(LoraAdapter):
             if on:
                 raise ConfigError(f"LoraConfig.{field} is not supported with method 'adalora' (PEFT's AdaLoRA has "
                                   "one init_r = r and one alpha; its rank pattern comes from the allocation)")
+        for hook in model._forward_hooks.values():  # an adapter of this name attached before (then deleted)
+            if isinstance(hook, _RegulariserHook) and hook.name == name:
+                hook.weight = opts["orth_reg_weight"]
+                return None
         if opts["orth_reg_weight"] > 0:
             model.register_forward_hook(_RegulariserHook(name, opts["orth_reg_weight"]))
         return None
