@@ -40,6 +40,10 @@ WRONG: dict[str, list[Any]] = {
     "fan_in_fan_out": ["maybe", 2, [True], {"a": 1}],
     "task_type": [5, ["CAUSAL_LM"], {"a": 1}],
     "base_model_name_or_path": [5, ["org/name"], {"a": 1}],
+    "lora_bias": ["maybe", 2, [True], {"a": 1}],
+    "loftq_config": [5, "x", [4], {"loftq_iters": 2}],
+    "method": [5, ["lora"], {"a": 1}, "no_such_method"],
+    "options": [5, "x", [1], {"no_such_option": 1}],
 }
 PEFT_NAME = {field: alias for alias, field in ALIASES.items()}  # alpha -> lora_alpha, ...
 BASE = {"target_modules": ["q_proj"]}
