@@ -50,7 +50,7 @@ class Sizes:
     seq: int = 256
     dropouts: tuple[float, ...] = (0.0, 0.1)
     rounds: int = 2
-    pairs: int = 8  # alternated pairs per paired child
+    pairs: int = 6  # alternated pairs per paired child
     warmup: int = 2
     mem_steps: int = 4
 
