@@ -51,7 +51,8 @@ def test_adalora_run_fills_total_step_and_saves_its_rank_pattern(tmp_path, causa
 
 def test_vera_run_trains_only_the_scaling_vectors_and_reloads(tmp_path, causal_lm_dir, data_file):
     out = tmp_path / "vera"
-    assert main(_argv(causal_lm_dir, data_file, out, "--method", "vera", "--target-modules", "q_proj,v_proj")) == 0
+    assert main(_argv(causal_lm_dir, data_file, out, "--method", "vera", "--target-modules", "q_proj,v_proj",
+                      "--diagnostics-steps", "2")) == 0  # diagnostics of a non-low-rank update: ||ΔW|| / ||W0||
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "VERA"
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))

@@ -47,10 +47,15 @@ def layer_diagnostics(model: nn.Module, w0_norms: dict[str, float], name: str = 
             continue
         adapter = layer.adapters[name]
         w0 = w0_norms.get(layer.path) or float("nan")
-        ratio = delta_norm(adapter.lora_A, adapter.lora_B, adapter.scale) / w0
+        if adapter.abilities.low_rank:  # ||s B A|| from the factors
+            ratio = delta_norm(adapter.lora_A, adapter.lora_B, adapter.scale) / w0
+        else:  # DoRA, AdaLoRA, VeRA: the norm of the variant's own update ΔW
+            with torch.no_grad():
+                ratio = _norm(adapter.delta_weight(layer.base_layer)) / w0
         grad_ratio = None
-        if adapter.lora_A.grad is not None and adapter.lora_B.grad is not None:
-            gb, ga = _norm(adapter.lora_B.grad), _norm(adapter.lora_A.grad)
+        a, b = getattr(adapter, "lora_A", None), getattr(adapter, "lora_B", None)  # VeRA trains no A, B
+        if a is not None and b is not None and a.grad is not None and b.grad is not None:
+            gb, ga = _norm(b.grad), _norm(a.grad)
             if gb > 0:
                 grad_ratio = ga / gb
         out[layer.path] = {"update_ratio": ratio, "grad_ratio": grad_ratio}
