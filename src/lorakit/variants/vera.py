@@ -24,7 +24,7 @@ from ..layers import LoraLayer
 from ..ops.vera import largest_dims, vera_delta_weight, vera_pair, vera_projections
 from ..peft_fields import IGNORED, as_bool, plain
 from .lora import LoraAdapter, add_into
-from .protocol import Abilities, Option
+from .protocol import Abilities, BaseLayer, Option
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -62,6 +62,9 @@ class VeraProjections(nn.Module):
     """The frozen pair (A (r, k_max), B (d_max, r)) one VeRA adapter shares across its layers: one module held by
     every layer's adapter (so `.to()` moves it once). Buffers outside the model's state_dict: the adapter file
     holds them (save_projection) or the seed makes them again."""
+
+    vera_A: torch.Tensor  # buffers (register_buffer), declared for type checkers
+    vera_B: torch.Tensor
 
     def __init__(self, vera_A: torch.Tensor, vera_B: torch.Tensor, seed: int, save_projection: bool) -> None:
         super().__init__()
@@ -105,7 +108,7 @@ class VeraAdapter(LoraAdapter):
                 than PEFT's), named with its value.
         """
         _refuse_unsupported(config)
-        bases = []
+        bases: list[tuple[LayerKind, Any]] = []
         for path in paths:
             module = model.get_submodule(path)
             base = module.base_layer if isinstance(module, LoraLayer) else module
@@ -124,13 +127,13 @@ class VeraAdapter(LoraAdapter):
                                options["save_projection"])
 
     @classmethod
-    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+    def build(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig, path: str, dtype: torch.dtype,
               shared: Any) -> VeraAdapter:
         """The adapter on the layer at `path`, holding `shared` (what `prepare` returned)."""
         return cls(kind, base_layer, config.r, config.dropout, config.options["d_initial"], config.init, dtype, shared)
 
     @classmethod
-    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+    def file_shapes(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig,
                     path: str) -> dict[str, tuple[int, ...]]:
         """{"vera_lambda_b": (d,), "vera_lambda_d": (r,)} of the layer at `path`."""
         _, d = kind.dims(base_layer)
@@ -197,7 +200,7 @@ class VeraAdapter(LoraAdapter):
         return kwargs
 
     # -- the adapter ---------------------------------------------------------------------------------------
-    def __init__(self, kind: LayerKind, base_layer: nn.Module, r: int, dropout: float, d_initial: float, init: str,
+    def __init__(self, kind: LayerKind, base_layer: BaseLayer, r: int, dropout: float, d_initial: float, init: str,
                  dtype: torch.dtype, projections: VeraProjections) -> None:
         nn.Module.__init__(self)  # not LoraAdapter's: VeRA has no lora_A / lora_B
         k, d = kind.dims(base_layer)
@@ -225,14 +228,14 @@ class VeraAdapter(LoraAdapter):
         return vera_pair(proj.vera_A.to(device), proj.vera_B.to(device), self.vera_lambda_d, self.vera_lambda_b,
                          self.in_features, self.out_features)
 
-    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
+    def add_to_output(self, base_layer: BaseLayer, x: torch.Tensor, out: torch.Tensor,
                       base_out: torch.Tensor | None = None) -> torch.Tensor:
         """out + Λ_b B Λ_d A dropout(x) through LoRA's op (A frozen: backward keeps A x, not x)."""
         a, b = self.pair()
         p = self.dropout if self.training else 0.0
         return self.kind.add_delta(base_layer, x, out, a, b, 1.0, p)
 
-    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_forward(self, base_layer: BaseLayer, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + this adapter in LoRA's fused op where the layer kind has one; None otherwise."""
         if self.kind.fused is None:
             return None
@@ -240,18 +243,18 @@ class VeraAdapter(LoraAdapter):
         p = self.dropout if self.training else 0.0
         return self.kind.fused(base_layer, x, a, b, 1.0, p)
 
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def delta_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """ΔW = diag(λ_b) B diag(λ_d) A in fp32, in the layout of `base_layer.weight`."""
         proj, device = self.projections, self.vera_lambda_d.device
         delta = vera_delta_weight(proj.vera_A.to(device), proj.vera_B.to(device), self.vera_lambda_d,
                                   self.vera_lambda_b, self.in_features, self.out_features)
         return self.kind.to_weight_layout(delta)
 
-    def merge_into(self, base_layer: nn.Module) -> None:
+    def merge_into(self, base_layer: BaseLayer) -> None:
         """W0 += ΔW (the sum in fp32, cast to the weight's dtype)."""
         add_into(base_layer.weight, self.delta_weight(base_layer), 1.0)
 
-    def unmerge_from(self, base_layer: nn.Module) -> None:
+    def unmerge_from(self, base_layer: BaseLayer) -> None:
         """W0 -= ΔW, undoing merge_into."""
         add_into(base_layer.weight, self.delta_weight(base_layer), -1.0)
 
