@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .layer_kinds import LayerKind
+from .layer_kinds import BaseLayer, LayerKind
 
 # The per-row adapter choice of the mixed-batch forward running in this thread (or asyncio task), or None:
 # lorakit.mixed sets it for one forward of one model. A context variable, not an attribute of the layers, so
@@ -49,6 +49,8 @@ class LoraLayer(_Wrapper):
 
     forward: out = base(x) + sum over active, unmerged adapters a of a's contribution.
     """
+
+    base_layer: BaseLayer  # the wrapped module (its weight / bias are read as tensors: layer_kinds.BaseLayer)
 
     def __init__(self, base_layer: nn.Module, kind: LayerKind, path: str) -> None:
         super().__init__()

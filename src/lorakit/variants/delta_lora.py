@@ -21,7 +21,7 @@ from ..layer_kinds import LayerKind
 from ..layers import LoraLayer
 from ..ops.delta_lora import DeltaFactors, delta_lora_step_, new_delta_factors
 from .lora import LoraAdapter
-from .protocol import Abilities, Option, TrainingHook
+from .protocol import Abilities, BaseLayer, Option, TrainingHook
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -58,7 +58,7 @@ class DeltaLoraAdapter(LoraAdapter):
     update_start_step: int = 500
 
     @classmethod
-    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+    def build(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig, path: str, dtype: torch.dtype,
               shared: Any) -> DeltaLoraAdapter:
         """LoRA's adapter, with the run's λ and K from `config.options` (`prepare` refused a residual init)."""
         adapter = cls(kind, base_layer, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
@@ -105,7 +105,9 @@ class DeltaLoraHook:
         self.name = name
         self.layers: list[tuple[LoraLayer, DeltaLoraAdapter, DeltaFactors]] = []
         for module in model.modules():
-            adapter = module.adapters[name] if isinstance(module, LoraLayer) and name in module.adapters else None
+            if not isinstance(module, LoraLayer) or name not in module.adapters:
+                continue
+            adapter = module.adapters[name]
             if not isinstance(adapter, DeltaLoraAdapter):
                 continue
             if adapter.dropout > 0:
