@@ -235,6 +235,11 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
         live = adapter_state(model, "default")
         if set(saved) != set(live):
             raise ResumeError(f"--resume {directory}: the adapter in the checkpoint has other modules than this run's")
+        for key, tensor in live.items():
+            if tuple(saved[key].shape) != tuple(tensor.shape):  # e.g. AdaLoRA's file, cut to its kept triplets
+                raise ResumeError(f"--resume {directory}: {key} has shape {tuple(saved[key].shape)} in the checkpoint, "
+                                  f"{tuple(tensor.shape)} in this run (an AdaLoRA run cannot resume after its first "
+                                  f"masking yet)")
         with torch.no_grad():
             for key, tensor in live.items():
                 copy_whole_(tensor, saved[key])  # an FSDP shard takes its rows of the full tensor
