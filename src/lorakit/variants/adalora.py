@@ -24,7 +24,7 @@ from ..ops.adalora import adalora_delta_weight, adalora_scale, orth_regulariser
 from ..peft_fields import peft_file_kwargs
 from .adalora_alloc import AdaloraAllocator
 from .lora import LoraAdapter
-from .protocol import Abilities, Option, TrainingHook
+from .protocol import Abilities, BaseLayer, Option, TrainingHook
 
 if TYPE_CHECKING:
     from ..config import LoraConfig
@@ -91,7 +91,8 @@ class _RegulariserHook:
         loss = getattr(output, "loss", None)
         if not model.training or not isinstance(loss, torch.Tensor):
             return
-        pairs = [(a.lora_A, a.lora_B) for _, a in adalora_adapters(model, self.name) if a.lora_A.requires_grad]
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (a.lora_A, a.lora_B) for _, a in adalora_adapters(model, self.name) if a.lora_A.requires_grad]
         if pairs:
             output.loss = loss + self.weight * orth_regulariser(pairs).to(loss.dtype)
 
@@ -119,6 +120,7 @@ class AdaloraAdapter(LoraAdapter):
     }
     kinds: ClassVar[frozenset[str] | None] = frozenset({"linear", "conv1d_gpt2"})
     file_keys: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
+    kept: torch.Tensor  # buffer (register_buffer): which triplets the allocation keeps, declared for type checkers
 
     # -- class hooks ----------------------------------------------------------------------------------------
     @classmethod
@@ -128,7 +130,7 @@ class AdaloraAdapter(LoraAdapter):
         return sum(mask) if mask is not None else config.r
 
     @classmethod
-    def build(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig, path: str, dtype: torch.dtype,
+    def build(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig, path: str, dtype: torch.dtype,
               shared: Any) -> AdaloraAdapter:
         """The adapter at `path`: rank r (PEFT's init_r), or the kept count of the module's mask in rank_masks."""
         rank = cls.module_rank(config, path)
@@ -170,7 +172,7 @@ class AdaloraAdapter(LoraAdapter):
         return AdaloraAllocator([adapter for _, adapter in adapters]) if adapters else None
 
     @classmethod
-    def file_shapes(cls, kind: LayerKind, base_layer: nn.Module, config: LoraConfig,
+    def file_shapes(cls, kind: LayerKind, base_layer: BaseLayer, config: LoraConfig,
                     path: str) -> dict[str, tuple[int, ...]]:
         """lora_A (r, k), lora_E (r, 1), lora_B (d, r); r the module's kept count (rank_pattern) or init_r."""
         rank = cls.module_rank(config, path)
@@ -239,7 +241,7 @@ class AdaloraAdapter(LoraAdapter):
         return {**kwargs, "r": data.get("init_r") or 12, "method": "adalora", "options": options}
 
     # -- the adapter ----------------------------------------------------------------------------------------
-    def __init__(self, kind: LayerKind, base_layer: nn.Module, r: int, scale: float, dropout: float, init: str,
+    def __init__(self, kind: LayerKind, base_layer: BaseLayer, r: int, scale: float, dropout: float, init: str,
                  dtype: torch.dtype, init_rank: int | None = None, options: dict[str, Any] | None = None) -> None:
         super().__init__(kind, base_layer, max(r, 1), scale, dropout, "kaiming", dtype)
         if r == 0:  # every triplet of the module masked (PEFT saves and loads such (0, k) tensors)
@@ -248,7 +250,7 @@ class AdaloraAdapter(LoraAdapter):
             self.lora_B = nn.Parameter(self.lora_B.new_zeros(shape_b))
             self.r = 0
         self.init_rank = r if init_rank is None else init_rank  # PEFT's init_r: the length of a file's mask
-        self.options = dict(options or {})  # the schedule (read by the allocator)
+        self.schedule = dict(options or {})  # the schedule options (read by the allocator)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=self.lora_A.device))
         self.register_buffer("kept", torch.ones(r, dtype=torch.bool, device=self.lora_A.device), persistent=False)
         with torch.no_grad():
@@ -262,20 +264,20 @@ class AdaloraAdapter(LoraAdapter):
     def _scaled_A(self) -> torch.Tensor:
         return self.lora_A * self.lora_E  # diag(E) Q, (r, k)
 
-    def add_to_output(self, base_layer: nn.Module, x: torch.Tensor, out: torch.Tensor,
+    def add_to_output(self, base_layer: BaseLayer, x: torch.Tensor, out: torch.Tensor,
                       base_out: torch.Tensor | None = None) -> torch.Tensor:
         """out + s · P diag(E) Q dropout(x)."""
         p = self.dropout if self.training else 0.0
         return self.kind.add_delta(base_layer, x, out, self._scaled_A(), self.lora_B, self.scale, p)
 
-    def fused_forward(self, base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def fused_forward(self, base_layer: BaseLayer, x: torch.Tensor) -> torch.Tensor | None:
         """base(x) + this adapter in one op where the layer kind has one (LoRA's, with diag(E) Q as A)."""
         if self.kind.fused is None:
             return None
         p = self.dropout if self.training else 0.0
         return self.kind.fused(base_layer, x, self._scaled_A(), self.lora_B, self.scale, p)
 
-    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def delta_weight(self, base_layer: BaseLayer) -> torch.Tensor:
         """s · P diag(E) Q in fp32, in the layout of `base_layer.weight`."""
         return self.kind.to_weight_layout(adalora_delta_weight(self.lora_A, self.lora_E, self.lora_B, self.scale))
 
@@ -321,8 +323,14 @@ def final_ranks(model: nn.Module, name: str = "default") -> dict[str, int]:
 
 def adalora_adapters(model: nn.Module, name: str) -> list[tuple[str, AdaloraAdapter]]:
     """(module path, adapter) of every AdaLoRA adapter `name` on the model, in module order."""
-    return [(m.path, m.adapters[name]) for m in model.modules()
-            if isinstance(m, LoraLayer) and isinstance(m.adapters[name] if name in m.adapters else None, AdaloraAdapter)]
+    found: list[tuple[str, AdaloraAdapter]] = []
+    for m in model.modules():
+        if not isinstance(m, LoraLayer) or name not in m.adapters:
+            continue
+        adapter = m.adapters[name]
+        if isinstance(adapter, AdaloraAdapter):
+            found.append((m.path, adapter))
+    return found
 
 
 __all__ = ["AdaloraAdapter", "adalora_adapters", "final_ranks"]

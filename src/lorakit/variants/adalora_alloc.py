@@ -22,7 +22,7 @@ class AdaloraAllocator:
 
     def __init__(self, adapters: list[Any]) -> None:
         self.adapters = adapters
-        opts = adapters[0].options
+        opts = adapters[0].schedule
         self.target_r, self.tinit, self.tfinal = opts["target_r"], opts["tinit"], opts["tfinal"]
         self.delta_t, self.total_step = opts["deltaT"], opts["total_step"]
         self.beta1, self.beta2 = opts["beta1"], opts["beta2"]
