@@ -24,11 +24,7 @@ Goal (issue 17, section 4): Delta-LoRA step <= 1.3x lorakit LoRA at the same ran
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import child
-import environment
+import family_bench
 import models
+from family_bench import median_ms, ratio_cell
 
 HERE = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
 RANK = models.LORA_R
 GOAL_VS_LORA = 1.30  # lorakit Delta-LoRA step / lorakit LoRA step, at most
 COMPARISONS = (("lorakit:delta_lora", "lorakit:lora"), ("lorakit:delta_lora", "peft:lora"))  # (contestant, reference)
@@ -116,14 +114,6 @@ def run_child(args: dict[str, Any]) -> dict[str, Any]:
     return {**res, "trainable_params": models.count_trainable(one.model)}
 
 
-def _spawn(payload: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)],
-                          capture_output=True, text=True, cwd=HERE)
-    line = next((x for x in done.stdout.splitlines() if x.startswith(child.RESULT_MARKER)), None)
-    if line is None:
-        return {"ok": False, "error": done.stderr[-2000:]}
-    return json.loads(line[len(child.RESULT_MARKER):])
-
 
 # -- orchestrator side ---------------------------------------------------------------------------------------
 def bench(sizes: Sizes, threads: int) -> dict[str, Any]:
@@ -134,26 +124,14 @@ def bench(sizes: Sizes, threads: int) -> dict[str, Any]:
     for rnd in range(sizes.rounds):
         jobs = list(COMPARISONS) if rnd % 2 == 0 else list(reversed(COMPARISONS))
         for contestant, reference in jobs:
-            paired.setdefault(f"{contestant}|{reference}", []).append(_spawn({
+            paired.setdefault(f"{contestant}|{reference}", []).append(family_bench.spawn(SCRIPT, {
                 **base, "kind": "paired", "contestant": contestant, "reference": reference, "pairs": sizes.pairs}))
     for contestant in CONTESTANTS:
-        memory.setdefault(contestant, []).append(_spawn({**base, "kind": "memory", "contestant": contestant,
+        memory.setdefault(contestant, []).append(family_bench.spawn(SCRIPT, {**base, "kind": "memory", "contestant": contestant,
                                                          "steps": sizes.mem_steps}))
     return {"settings": {**asdict(sizes), "threads": threads, "r": RANK}, "paired": paired, "memory": memory}
 
 
-def _ratio_cell(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
-    ratios = sorted(r for run in runs if run.get("ok") for r in run["ratios"])
-    if not ratios:
-        return "error: " + "; ".join(str(run.get("error", ""))[-200:] for run in runs), None
-    med = statistics.median(ratios)
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [med, med, med]
-    return f"{med:.3f}x ({q[0]:.3f}-{q[2]:.3f}, n={len(ratios)})", med
-
-
-def _ms(runs: list[dict[str, Any]], key: str) -> str:
-    times = [t for run in runs if run.get("ok") for t in run.get(key, [])]
-    return f"{statistics.median(times) * 1e3:.1f}" if times else "-"
 
 
 def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -180,12 +158,12 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     ]
     for key, runs in result["paired"].items():
         contestant, reference = key.split("|")
-        cell, med = _ratio_cell(runs)
+        cell, med = ratio_cell(runs)
         goal = f"<= {GOAL_VS_LORA:.2f}x" if reference == "lorakit:lora" else "-"
         met = "-" if med is None or reference != "lorakit:lora" else ("yes" if med <= GOAL_VS_LORA else "NO")
         other = max((run.get("foreign_cpu_share", 0.0) for run in runs if run.get("ok")), default=0.0)
-        lines.append(f"| {contestant} / {reference} | {cell} | {_ms(runs, 'times_s')} | "
-                     f"{_ms(runs, 'reference_times_s')} | {_ms(runs, 'hook_s')} | {goal} | {met} | {other:.0%} |")
+        lines.append(f"| {contestant} / {reference} | {cell} | {median_ms(runs, 'times_s')} | "
+                     f"{median_ms(runs, 'reference_times_s')} | {median_ms(runs, 'hook_s')} | {goal} | {met} | {other:.0%} |")
     lines += ["", "| contestant | median step ms | peak RSS growth MiB | trainable params |", "|---|---|---|---|"]
     for contestant, runs in result["memory"].items():
         ok = [run for run in runs if run.get("ok")]
@@ -194,31 +172,12 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
             lines.append(f"| {contestant} | error: {err} | | |")
             continue
         peak = statistics.median(run["peak_growth_mb"] for run in ok)
-        lines.append(f"| {contestant} | {_ms(ok, 'times_s')} | {peak:.0f} | {ok[0]['trainable_params']} |")
+        lines.append(f"| {contestant} | {median_ms(ok, 'times_s')} | {peak:.0f} | {ok[0]['trainable_params']} |")
     return lines
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "RESULTS-delta_lora.md"))
-    args = ap.parse_args()
-    if args.child:
-        child.KINDS[json.loads(args.child)["kind"]] = run_child
-        return child.main(args.child)
-    load_start = os.getloadavg()
-    t0 = time.perf_counter()
-    sizes = QUICK if args.quick else FULL
-    result = bench(sizes, args.threads)
-    meta = environment.collect_meta(args.threads, time.perf_counter() - t0, args.quick, load_start)
-    text = "\n".join(report(result, meta)) + "\n"
-    print(text)
-    if not args.quick:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"meta": meta, **result}, indent=1))
-    return 0
+    return family_bench.main(__doc__, run_child, bench, report, (FULL, QUICK), HERE / "RESULTS-delta_lora.md")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ Goals (issue 17, section 4): VeRA step <= 1.10x lorakit LoRA at the same rank; V
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,10 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import child
-import environment
+import family_bench
 import models
+from family_bench import median_ms, ratio_cell
 
 HERE = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
 RANK = models.LORA_R
 GOAL_VS_LORA = 1.10  # lorakit VeRA step / lorakit LoRA step, at most
 GOAL_VS_PEFT = 1.0  # lorakit VeRA step / PEFT VeRA step, below
@@ -97,14 +95,6 @@ def run_child(args: dict[str, Any]) -> dict[str, Any]:
     return {**res, "trainable_params": models.count_trainable(model)}
 
 
-def _spawn(payload: dict[str, Any]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)],
-                          capture_output=True, text=True, cwd=HERE)
-    line = next((x for x in done.stdout.splitlines() if x.startswith(child.RESULT_MARKER)), None)
-    if line is None:
-        return {"ok": False, "error": done.stderr[-2000:]}
-    return json.loads(line[len(child.RESULT_MARKER):])
-
 
 # -- orchestrator side ---------------------------------------------------------------------------------------
 def bench(sizes: Sizes, threads: int) -> dict[str, Any]:
@@ -117,28 +107,16 @@ def bench(sizes: Sizes, threads: int) -> dict[str, Any]:
             jobs = list(COMPARISONS) if rnd % 2 == 0 else list(reversed(COMPARISONS))
             for contestant, reference in jobs:
                 key = f"{contestant}|{reference}|{p}"
-                paired.setdefault(key, []).append(_spawn({**base, "kind": "paired", "contestant": contestant,
+                paired.setdefault(key, []).append(family_bench.spawn(SCRIPT, {**base, "kind": "paired", "contestant": contestant,
                                                           "reference": reference, "dropout": p,
                                                           "pairs": sizes.pairs}))
         for contestant in CONTESTANTS:
-            memory.setdefault(f"{contestant}|{p}", []).append(_spawn({**base, "kind": "memory", "dropout": p,
+            memory.setdefault(f"{contestant}|{p}", []).append(family_bench.spawn(SCRIPT, {**base, "kind": "memory", "dropout": p,
                                                                       "contestant": contestant,
                                                                       "steps": sizes.mem_steps}))
     return {"settings": {**asdict(sizes), "threads": threads, "r": RANK}, "paired": paired, "memory": memory}
 
 
-def _ratio_cell(runs: list[dict[str, Any]]) -> tuple[str, float | None]:
-    ratios = sorted(r for run in runs if run.get("ok") for r in run["ratios"])
-    if not ratios:
-        return "error: " + "; ".join(str(run.get("error", ""))[-200:] for run in runs), None
-    med = statistics.median(ratios)
-    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [med, med, med]
-    return f"{med:.3f}x ({q[0]:.3f}-{q[2]:.3f}, n={len(ratios)})", med
-
-
-def _ms(runs: list[dict[str, Any]], key: str) -> str:
-    times = [t for run in runs if run.get("ok") for t in run[key]]
-    return f"{statistics.median(times) * 1e3:.0f}" if times else "-"
 
 
 def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
@@ -164,12 +142,12 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     ]
     for key, runs in result["paired"].items():
         contestant, reference, p = key.split("|")
-        cell, med = _ratio_cell(runs)
+        cell, med = ratio_cell(runs)
         goal = GOAL_VS_LORA if reference == "lorakit:lora" else GOAL_VS_PEFT
         met = "-" if med is None else ("yes" if (med <= goal if goal != GOAL_VS_PEFT else med < goal) else "NO")
         other = max((run.get("foreign_cpu_share", 0.0) for run in runs if run.get("ok")), default=0.0)
-        lines.append(f"| {p} | {contestant} / {reference} | {cell} | {_ms(runs, 'times_s')} | "
-                     f"{_ms(runs, 'reference_times_s')} | {'<=' if goal != GOAL_VS_PEFT else '<'} {goal:.2f}x | "
+        lines.append(f"| {p} | {contestant} / {reference} | {cell} | {median_ms(runs, 'times_s')} | "
+                     f"{median_ms(runs, 'reference_times_s')} | {'<=' if goal != GOAL_VS_PEFT else '<'} {goal:.2f}x | "
                      f"{met} | {other:.0%} |")
     lines += ["", "| dropout | contestant | median step ms | peak RSS growth MiB | trainable params |",
               "|---|---|---|---|---|"]
@@ -180,31 +158,12 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
             lines.append(f"| {p} | {contestant} | error | | |")
             continue
         peak = statistics.median(run["peak_growth_mb"] for run in ok)
-        lines.append(f"| {p} | {contestant} | {_ms(ok, 'times_s')} | {peak:.0f} | {ok[0]['trainable_params']} |")
+        lines.append(f"| {p} | {contestant} | {median_ms(ok, 'times_s')} | {peak:.0f} | {ok[0]['trainable_params']} |")
     return lines
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(HERE / "RESULTS-vera.md"))
-    args = ap.parse_args()
-    if args.child:
-        child.KINDS[json.loads(args.child)["kind"]] = run_child
-        return child.main(args.child)
-    load_start = os.getloadavg()
-    t0 = time.perf_counter()
-    sizes = QUICK if args.quick else FULL
-    result = bench(sizes, args.threads)
-    meta = environment.collect_meta(args.threads, time.perf_counter() - t0, args.quick, load_start)
-    text = "\n".join(report(result, meta)) + "\n"
-    print(text)
-    if not args.quick:
-        Path(args.out).write_text(text)
-        Path(args.out).with_suffix(".json").write_text(json.dumps({"meta": meta, **result}, indent=1))
-    return 0
+    return family_bench.main(__doc__, run_child, bench, report, (FULL, QUICK), HERE / "RESULTS-vera.md")
 
 
 if __name__ == "__main__":
