@@ -1,4 +1,5 @@
-"""ops.native.at_b: the compiled a^T b behind the adapter's weight gradients, and its fallback."""
+"""ops.native.at_b: the compiled a^T b behind the adapter's weight gradients (where it is the faster one), and
+its fallback."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_at_b_equals_the_product_for_any_shape(n: int, r: int, k: int, seed: int
     """Tails of every block (k not a multiple of 64, r not of 4, n not of 256) and n = 0 (a zero result)."""
     gen = torch.Generator().manual_seed(seed)
     a, b = torch.randn(n, r, generator=gen), torch.randn(n, k, generator=gen)
-    out = native.at_b(a, b)
+    out = native.atb_kernel(a, b)
     assert out.shape == (r, k) and out.dtype == torch.float32 and out.is_contiguous()
     torch.testing.assert_close(out, _reference(a, b), rtol=1e-5, atol=1e-5 * max(n, 1) ** 0.5)
 
@@ -35,11 +36,11 @@ def test_at_b_on_adapter_sized_operands_does_not_depend_on_threads(threads: int)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = native.at_b(a, b)
+        out = native.atb_kernel(a, b)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, _reference(a, b), rtol=1e-5, atol=1e-4)
-    assert torch.equal(out, native.at_b(a, b))  # each column block is summed by one thread, in one order
+    assert torch.equal(out, native.atb_kernel(a, b))  # each column block is summed by one thread, in one order
 
 
 def test_at_b_falls_back_for_what_the_kernel_does_not_take() -> None:
@@ -49,3 +50,23 @@ def test_at_b_falls_back_for_what_the_kernel_does_not_take() -> None:
         torch.testing.assert_close(out, a2.t() @ b2)
     with pytest.raises(ValueError, match=r"at_b: a \(n, r\) and b \(n, k\)"):
         native.at_b(torch.randn(5, 2), torch.randn(6, 3))
+
+
+def test_at_b_uses_the_faster_of_kernel_and_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choice is measured once per process; LORAKIT_ATB fixes it; either way the product is a^T b."""
+    a, b = torch.randn(300, 16), torch.randn(300, 200)
+    monkeypatch.setattr(native, "_atb_pays", None)
+    chosen = native.atb_kernel_pays()
+    assert native._atb_pays is chosen and (native.library() is not None or not chosen)
+    for forced in ("kernel", "blas"):
+        monkeypatch.setenv("LORAKIT_ATB", forced)
+        assert native.atb_kernel_pays() is (forced == "kernel" and native.library() is not None)
+        torch.testing.assert_close(native.at_b(a, b), _reference(a, b), rtol=1e-5, atol=1e-4)
+    calls = []
+    monkeypatch.setenv("LORAKIT_ATB", "kernel")
+    monkeypatch.setattr(native, "atb_kernel", lambda x, y: calls.append(1) or x.t() @ y)
+    native.at_b(a, b)
+    assert calls == ([1] if native.library() is not None else [])
+    monkeypatch.setenv("LORAKIT_ATB", "blas")
+    native.at_b(a, b)
+    assert len(calls) <= 1

@@ -152,17 +152,20 @@ def adapter_report(
         config = LoraConfig.from_peft_dict(raw_config, where=str(directory / "adapter_config.json"))
     except Exception as err:  # ConfigError or a field of the wrong type
         raise AdapterFileError(f"{directory / 'adapter_config.json'}: {err}") from err
-    config, tensors = variant_for(config).as_lora_file(config, read_weights(directory))  # e.g. AdaLoRA's P E Q
-    factors, other_params = _group_factors(tensors, directory)
-    if not factors:
-        raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
-
     model = None
     if model_dir is not None:
         from .hf import adapter_task, load_model_dir
 
         model, _ = load_model_dir(model_dir, task=adapter_task(directory), dtype=dtype, quantize=quantize,
                                   with_tokenizer=False)
+    weights = read_weights(directory)
+    try:  # e.g. AdaLoRA's P E Q, VeRA's shared A, B and vectors: the same ΔW as LoRA factors
+        config, tensors = variant_for(config).as_lora_file(config, weights, _in_features(model))
+    except AdapterFileError as err:
+        raise AdapterFileError(f"{directory}: {err}") from err
+    factors, other_params = _group_factors(tensors, directory)
+    if not factors:
+        raise AdapterFileError(f"{directory}: the weights file has no LoRA tensors (lora_A / lora_B)")
 
     modules = []
     warnings = []
@@ -230,6 +233,20 @@ def adapter_report(
         },
         "warnings": warnings,
     }
+
+
+def _in_features(model: torch.nn.Module | None) -> dict[str, int] | None:
+    """{module path: input size k} of the model's layers of a registered kind (None without a model)."""
+    if model is None:
+        return None
+    from .layer_kinds import kind_of
+
+    found = {}
+    for path, module in model.named_modules():
+        kind = kind_of(module)
+        if kind is not None:
+            found[path] = int(kind.dims(module)[0])
+    return found
 
 
 def _base_weight(model: torch.nn.Module, path: str, where: Path) -> torch.Tensor:

@@ -173,6 +173,36 @@ def test_a_run_in_transformers_trainer_with_the_step_callback(tmp_path) -> None:
     _check_final(model, tmp_path / "adapter")
 
 
+def test_transformers_trainer_resumes_after_masking_with_the_hook_state(tmp_path) -> None:
+    """AdapterStepCallback writes step_hooks.pt into Trainer's checkpoints and reads it back on resume: a run
+    resumed after the first maskings ends with the uninterrupted run's masks and tensors."""
+    from transformers import Trainer, TrainingArguments
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = lorakit.attach(tiny_llama().train(), adalora_config())
+        args = TrainingArguments(output_dir=str(out), max_steps=30, per_device_train_batch_size=8,
+                                 learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                                 disable_tqdm=True, save_strategy="steps", save_steps=12, seed=0,
+                                 dataloader_num_workers=0)
+        callbacks = [lorakit.AdapterStepCallback(), lorakit.AdapterCheckpointCallback()]
+        Trainer(model=model, args=args, train_dataset=Counting(), callbacks=callbacks).train(
+            resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-12"
+    assert (checkpoint / "step_hooks.pt").is_file()
+    saved = torch.load(checkpoint / "step_hooks.pt", weights_only=True)
+    assert not all(bool(k.all()) for k in saved[0]["kept"])  # masks were set by step 12
+    resumed = run(tmp_path / "whole", resume=str(checkpoint))
+    assert final_ranks(resumed) == final_ranks(whole)
+    for (_, a), (_, b) in zip(adalora_adapters(whole, "default"), adalora_adapters(resumed, "default")):
+        assert torch.equal(a.kept, b.kept)
+        for x, y in ((a.lora_A, b.lora_A), (a.lora_E, b.lora_E), (a.lora_B, b.lora_B)):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=0)
+
+
 def test_not_mixable_swappable_or_combinable() -> None:
     abilities = AdaloraAdapter.abilities
     assert not (abilities.low_rank or abilities.mixed_batches or abilities.hot_swap or abilities.combine)
@@ -200,3 +230,24 @@ def test_inspect_reports_the_kept_ranks_and_the_true_update(tmp_path, capsys) ->
     assert main(["inspect", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "model.layers.1.self_attn.v_proj" in printed
+
+
+def test_the_batched_regulariser_equals_the_layer_by_layer_sum() -> None:
+    """Layers of several shapes (stacked by shape) and a rank-0 layer: the mean of the per-matrix penalties."""
+    from lorakit.ops.adalora import orth_penalty, orth_regulariser
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 12, 9), (4, 12, 9), (4, 7, 12), (3, 12, 9), (0, 5, 5)]  # (r, k, d)
+    pairs = [(torch.randn(r, k, generator=gen, dtype=torch.float64).requires_grad_(),
+              torch.randn(d, r, generator=gen, dtype=torch.float64).requires_grad_()) for r, k, d in shapes]
+    expected = torch.stack([orth_penalty(a, b) for a, b in pairs]).sum() / (2 * len(pairs))
+    got = orth_regulariser(pairs)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-6, atol=1e-6)
+    got.backward()
+    grads = [p.grad.clone() for pair in pairs for p in pair]
+    for pair in pairs:
+        for p in pair:
+            p.grad = None
+    expected.backward()
+    for g, pair_p in zip(grads, [p for pair in pairs for p in pair]):
+        torch.testing.assert_close(g.double(), pair_p.grad.double(), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..train.config import methods as known_methods
 
 if TYPE_CHECKING:
-    from .compare import DemoSettings
+    from .settings import DemoSettings
 
 DEFAULT_METHODS: tuple[str, ...] = ("lora", "full")  # `lorakit train` with no --methods: LoRA vs full fine-tuning
 FAMILY: tuple[str, ...] = ("lora", "dora", "adalora", "vera", "lora_fa", "delta_lora", "full")  # issue 17's table

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -22,6 +23,7 @@ from ..adapter_steps import training_hooks
 from ..errors import ConfigError
 from ..io.files import atomic_write
 from ..model import adapter_names
+from ..train.checkpoint import HOOKS_NAME
 from .save_pretrained import trainable_state
 
 
@@ -31,6 +33,9 @@ class AdapterStepCallback(TrainerCallback):
     for LoRA / DoRA. No manual call in the loop, unlike PEFT's `update_and_allocate`.
 
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[lorakit.AdapterStepCallback()])
+
+    It also carries the hooks' run state (AdaLoRA's importance averages, masks and uncut factors) through
+    Trainer's checkpoints: `step_hooks.pt` in each `checkpoint-<step>`, read back when a run resumes from one.
     """
 
     def __init__(self) -> None:
@@ -38,7 +43,30 @@ class AdapterStepCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
+        """Make the hooks; a resumed run (global_step > 0) loads their state from its checkpoint's step_hooks.pt.
+
+        Raises:
+            ConfigError: the checkpoint's hook state does not fit the model's adapters.
+        """
         self.hooks = training_hooks(model) if model is not None else []
+        saved = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / HOOKS_NAME
+        if state.global_step > 0 and self.hooks and saved.is_file():
+            states = torch.load(saved, map_location="cpu", weights_only=True)
+            if len(states) != len(self.hooks):
+                raise ConfigError(f"{saved}: the state of {len(states)} step hook(s), the model has {len(self.hooks)}")
+            for hook, hook_state in zip(self.hooks, states):
+                try:
+                    hook.load_state_dict(hook_state)
+                except (KeyError, TypeError, ValueError) as err:
+                    raise ConfigError(f"{saved}: does not fit the model's adapters ({err})") from err
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        """Write the hooks' state into the checkpoint Trainer just wrote (main process; none without state)."""
+        states = [hook.state_dict() for hook in self.hooks]
+        checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and any(states) and checkpoint.is_dir():
+            atomic_write(checkpoint, {HOOKS_NAME: lambda path: torch.save(states, path)})
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                           **kwargs: Any) -> None:

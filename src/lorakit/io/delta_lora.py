@@ -20,6 +20,7 @@ from torch import nn
 
 from .. import model as M
 from ..errors import ConfigError
+from ..layer_kinds import kind_of
 from ..names import check_adapter_name
 from .peft import save_adapter
 from .publish import publishing
@@ -44,37 +45,72 @@ def _key_renames(model: nn.Module, name: str) -> tuple[dict[str, str], tuple[str
     return renames, tuple(drop)
 
 
+def _dense_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a dequantised weight is written in: the input embedding's (the model's own float dtype)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    weight = getattr(embedding, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+
 @torch.no_grad()
 def base_model_state(model: nn.Module, name: str = "default", merged: bool = True) -> dict[str, torch.Tensor]:
     """The base model's state dict under its own keys (no lorakit wrapper, no adapter): each weight adapter `name`
     is on holds W0' + s B A (`merged`) or W0' alone, as a new CPU tensor in the weight's dtype (the sum in fp32);
     every other tensor is the model's own (tied weights stay one tensor).
 
+    A quantised base layer (QLoRA / LoftQ on NF4) is written dense: its weight dequantised (the values training
+    saw), in the dtype of the model's input embedding, with its bias; its codes and statistics are left out.
+
     Raises:
         AdapterNameError: no adapter `name` on the model.
     """
     M.get_config(model, name)  # raises for an unknown name
     replaced: dict[int, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}  # "<path>.weight" / "<path>.bias" of quantised layers, written dense
+    quantised: list[str] = []
     for layer in M.lora_layers(model):
         if name not in layer.adapters:
             continue
-        weight = layer.base_layer.weight
-        delta = layer.adapters[name].delta_weight(layer.base_layer)  # s B A, fp32, the weight's layout
-        value = weight.detach().float()
+        base = layer.base_layer
+        delta = layer.adapters[name].delta_weight(base)  # s B A, fp32, the weight's layout
         sign = float(merged) - float(name in layer.merged)  # a merged adapter is already in the weight
+        if layer.kind.quantized:
+            value = layer.kind.dequantize(base, torch.float32)
+            dtype = _dense_dtype(model)
+            dense[f"{layer.path}.weight"] = (value + sign * delta if sign else value).to(dtype).cpu()
+            if getattr(base, "bias", None) is not None:
+                dense[f"{layer.path}.bias"] = base.bias.detach().to(dtype).cpu()
+            quantised.append(f"{layer.path}.base_layer.")
+            continue
+        weight = base.weight
+        value = weight.detach().float()
         if sign:
             value = value + sign * delta
         replaced[id(weight)] = value.to(weight.dtype).cpu()
+    handled = {f"{layer.path}.base_layer" for layer in M.lora_layers(model)}
+    for path, module in model.named_modules():  # quantised layers without an adapter: dense as training saw them
+        kind = kind_of(module)
+        if kind is None or not kind.quantized or path in handled or any(path.startswith(h + ".") for h in handled):
+            continue
+        dtype = _dense_dtype(model)
+        dense[f"{path}.weight"] = kind.dequantize(module, torch.float32).to(dtype).cpu()
+        if getattr(module, "bias", None) is not None:
+            dense[f"{path}.bias"] = module.bias.detach().to(dtype).cpu()
+        quantised.append(f"{path}.")
     renames, drop = _key_renames(model, name)
     prefixes = sorted(renames, key=len, reverse=True)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.startswith(tuple(quantised)):  # codes and statistics: the dense weight replaces them
+            continue
         prefix = next((p for p in prefixes if key.startswith(p)), None)
         if prefix is not None:
             key = renames[prefix] + key[len(prefix):]
         elif key.startswith(drop):
             continue
         state[key] = replaced.get(id(tensor), tensor.detach())
+    state.update(dense)
     return state
 
 

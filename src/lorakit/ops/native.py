@@ -10,8 +10,10 @@ without changing the values: per 720,896 words (2.9 M dropout elements) it takes
 
 The adapter's weight gradients, grad A = gh^T x (r x k) and grad B^T = h^T g (r x d), are reductions over the
 N tokens into a rank-r result; BLAS runs that shape at a third of its GEMM speed. `at_b` streams the tall
-operand once through a register-blocked kernel: 2.3-2.8x faster than MKL's when the operands are in cache and
-1.2-2x when they come from memory (N = 1024, r = 16, k = 512 to 2816, 2 threads).
+operand once through a register-blocked kernel: on an AVX-512 CPU 2.3-2.8x faster than MKL's when the operands
+are in cache and 1.2-2x when they come from memory (N = 1024, r = 16, k = 512 to 2816, 2 threads); on an AVX2-only
+CPU its 64-float blocks spill out of the 16 vector registers and it ran ~10x slower than MKL. So `at_b` measures
+both once per process (`atb_kernel_pays`) and uses the faster.
 
 The C source below is compiled once with the system's C compiler into a cache directory
 (`$LORAKIT_CACHE`, default `~/.cache/lorakit`) and loaded with ctypes; no PyTorch headers are needed, so the build
@@ -30,7 +32,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -335,18 +339,56 @@ def _fits(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2 and t.is_contiguous()
 
 
-def at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T b (r, k) for a tall, thin a (n, r) and b (n, k): the weight gradients of an adapter.
-
-    The compiled kernel (2-3x BLAS's speed here for r = 16) where both are contiguous fp32 CPU matrices and the
-    library is loaded; `a.t() @ b` otherwise. The sum over n runs in another order than BLAS's: results agree to
-    fp32 rounding, not bit for bit.
-    """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
-        raise ValueError(f"at_b: a (n, r) and b (n, k) with the same n, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not (_fits(a) and _fits(b)) or a.requires_grad or b.requires_grad or library() is None:
-        return a.t() @ b
+def atb_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b (r, k) by the compiled kernel, for contiguous fp32 CPU matrices a (n, r), b (n, k), the library loaded
+    (`at_b` checks that, and whether the kernel is the faster one here)."""
     n, r = a.shape
     out = torch.empty(r, b.shape[1], dtype=torch.float32)
     library().lorakit_atb(out.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, b.shape[1], torch.get_num_threads())
     return out
+
+
+_atb_pays: bool | None = None
+
+
+def atb_kernel_pays() -> bool:
+    """Whether the compiled a^T b beats PyTorch's matmul on this machine: measured once per process, on an
+    adapter-sized product (n = 1024, r = 16, k = 512; best of 5 each). The kernel's 64-float register blocks suit
+    AVX-512 (2.3-2.8x MKL's speed); on an AVX2-only CPU it measured ~10x slower than MKL, so the choice is made by
+    measuring, not by the compiler's target. `LORAKIT_ATB=kernel` / `blas` fixes it (tests, reproducible runs)."""
+    global _atb_pays
+    forced = os.environ.get("LORAKIT_ATB", "")
+    if forced in ("kernel", "blas"):
+        return forced == "kernel" and library() is not None
+    if _atb_pays is None:
+        if library() is None:
+            _atb_pays = False
+        else:
+            gen = torch.Generator().manual_seed(0)
+            a, b = torch.randn(1024, 16, generator=gen), torch.randn(1024, 512, generator=gen)
+            _atb_pays = _best_of(lambda: atb_kernel(a, b)) < _best_of(lambda: a.t() @ b)
+    return _atb_pays
+
+
+def _best_of(fn: Callable[[], object], times: int = 5) -> float:
+    fn()  # warm-up (first touch, thread pools)
+    best = float("inf")
+    for _ in range(times):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b (r, k) for a tall, thin a (n, r) and b (n, k): the weight gradients of an adapter.
+
+    The compiled kernel where both are contiguous fp32 CPU matrices, the library is loaded and it is the faster
+    one on this machine (`atb_kernel_pays`); `a.t() @ b` otherwise. The kernel sums over n in another order than
+    BLAS: results agree to fp32 rounding, not bit for bit.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"at_b: a (n, r) and b (n, k) with the same n, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (_fits(a) and _fits(b)) or a.requires_grad or b.requires_grad or not atb_kernel_pays():
+        return a.t() @ b
+    return atb_kernel(a, b)

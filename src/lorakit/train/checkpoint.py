@@ -30,6 +30,7 @@ from ..io.publish import publishing
 from ..model import lora_layers
 
 STATE_NAME = "trainer_state.json"
+HOOKS_NAME = "step_hooks.pt"  # the step hooks' run state (AdaLoRA: importance averages, masks, uncut factors)
 BASE_NAME = "base_weights.safetensors"  # the adapted layers' base weights, for variants that train them (Delta-LoRA)
 # TrainConfig fields that change the trajectory: a checkpoint only resumes a run that agrees on all of them
 TRAJECTORY_FIELDS = (
@@ -69,10 +70,11 @@ def save_checkpoint(
     root: Path, step: int, model: nn.Module, method: str, optimizer: torch.optim.Optimizer,
     scheduler: Any, trainer_state: dict[str, Any], keep: int, scaler: torch.amp.GradScaler | None = None,
     protect: Path | None = None, weights: dict[str, torch.Tensor] | None = None,
-    optimizer_state: dict[str, Any] | None = None,
+    optimizer_state: dict[str, Any] | None = None, hook_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` under root/checkpoints/, then prune all but the newest `keep` (and `protect`,
-    the best checkpoint load_best_at_end keeps).
+    the best checkpoint load_best_at_end keeps). `hook_states`: the step hooks' `state_dict()`s, in
+    adapter_steps.training_hooks order (written to step_hooks.pt when any is non-empty).
 
     optimizer.pt holds the optimizer, the scheduler, the RNG states and the loss scaler's state (scale and
     growth tracker; empty when loss scaling is off). `weights` / `optimizer_state`: the adapter's tensors and the
@@ -89,6 +91,8 @@ def save_checkpoint(
             moved = moved_base_weights(model)  # Delta-LoRA: the base weights training changed
             if moved:
                 save_file({k: v.detach().cpu().contiguous() for k, v in moved.items()}, str(tmp / BASE_NAME))
+            if hook_states and any(hook_states):
+                torch.save(hook_states, tmp / HOOKS_NAME)
         else:
             trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
             save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -235,14 +239,15 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
         live = adapter_state(model, "default")
         if set(saved) != set(live):
             raise ResumeError(f"--resume {directory}: the adapter in the checkpoint has other modules than this run's")
+        uncut = (directory / HOOKS_NAME).is_file()  # AdaLoRA: the step hooks' state holds the uncut factors
         for key, tensor in live.items():
-            if tuple(saved[key].shape) != tuple(tensor.shape):  # e.g. AdaLoRA's file, cut to its kept triplets
+            if tuple(saved[key].shape) != tuple(tensor.shape) and not uncut:  # AdaLoRA's file cut to kept triplets
                 raise ResumeError(f"--resume {directory}: {key} has shape {tuple(saved[key].shape)} in the checkpoint, "
-                                  f"{tuple(tensor.shape)} in this run (an AdaLoRA run cannot resume after its first "
-                                  f"masking yet)")
+                                  f"{tuple(tensor.shape)} in this run (and no {HOOKS_NAME} with the uncut factors)")
         with torch.no_grad():
             for key, tensor in live.items():
-                copy_whole_(tensor, saved[key])  # an FSDP shard takes its rows of the full tensor
+                if tuple(saved[key].shape) == tuple(tensor.shape):
+                    copy_whole_(tensor, saved[key])  # an FSDP shard takes its rows of the full tensor
     else:
         weights = _load(directory / "trainable.safetensors", lambda f: load_file(str(f)))
         params = dict(model.named_parameters())
@@ -261,6 +266,19 @@ def restore(directory: Path, model: nn.Module, method: str, optimizer: torch.opt
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ResumeError(f"--resume {directory}: optimizer.pt does not fit this run "
                           f"({type(err).__name__}: {err})") from err
+
+
+def read_hook_states(directory: Path) -> list[dict[str, Any]]:
+    """The step hooks' states saved in checkpoint `directory` ([] when it has none: a run without step hooks, or
+    one written before they were saved).
+
+    Raises:
+        ResumeError: the file is unreadable.
+    """
+    path = Path(directory) / HOOKS_NAME
+    if not path.is_file():
+        return []
+    return list(_load(path, lambda f: torch.load(f, map_location="cpu", weights_only=True)))
 
 
 def _load(path: Path, read: Any) -> Any:

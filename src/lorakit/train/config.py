@@ -223,10 +223,6 @@ class TrainConfig:
                 LoraConfig(init=self.init)
             except ConfigError as err:
                 raise ConfigError(f"init: {err}") from err
-            if self.init == "loftq" and self.quantize:
-                raise ConfigError("init loftq with quantize nf4: a run's NF4 base cannot be saved beside the adapter "
-                                  "yet; train --init loftq on the full-precision model (its base then holds Q, saved "
-                                  "to out/base with the adapter), and quantise out/base for inference")
             options = dict(self.method_options)
             if "total_step" in VARIANTS[adapter_method(self.method)].options:
                 options.setdefault("total_step", 10**9)  # the run fills in its own steps (loop.with_planned_steps)

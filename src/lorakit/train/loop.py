@@ -95,12 +95,14 @@ def quantize_compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtyp
 
 def quantize_base(model: nn.Module, cfg: TrainConfig, task: str, device: torch.device) -> None:
     """QLoRA on a model already in memory: store the frozen base's Linear layers in NF4 (before the adapter is
-    attached, or after it for QPiSSA). The output head and a classification head (trained in full) stay."""
+    attached, or after it for QPiSSA and LoftQ). The output head and a classification head (trained in full) stay.
+    LoftQ's Q was made with fp32 block scales: quantised so again (no double quantisation), its codes are Q's own."""
     from ..quant import quantize
     from ..targeting import output_head_names
 
     skip = tuple(output_head_names(model)) + tuple(h for h in HEAD_NAMES if task == "classification")
-    quantize(model, cfg.quantize, compute_dtype=quantize_compute_dtype(cfg, device), skip=skip)
+    quantize(model, cfg.quantize, compute_dtype=quantize_compute_dtype(cfg, device), skip=skip,
+             double_quant=cfg.init != "loftq")
     check_quantized(model, cfg)
 
 
@@ -171,7 +173,8 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
     """train() once the data is loaded and --out is locked: prepare --out, load the model, attach, fit."""
     task = datasets.task
     dist.on_main(lambda: _prepare_out(cfg, resume_dir))
-    residual_init = cfg.init in ("pissa", "olora") or cfg.init.startswith("pissa_niter_")
+    # QPiSSA and LoftQ factor the full-precision W0 at attach, and the base is quantised after it
+    residual_init = cfg.init in ("pissa", "olora", "loftq") or cfg.init.startswith("pissa_niter_")
     # QLoRA from a checkpoint: quantised while it is read (no full-precision copy); QPiSSA needs the exact W0 first
     streamed = bool(cfg.quantize) and model is None and not residual_init
     sharding = cfg.fsdp and dist.active  # FSDP2: the base stays on the CPU until each unit is sharded to `device`
@@ -193,7 +196,7 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
     elif cfg.quantize and not residual_init:
         quantize_base(model, cfg, task, device)
     attach_for_training(model, with_planned_steps(cfg, len(datasets.train), dist.world_size), task)
-    if cfg.quantize and residual_init:  # QPiSSA: factor the full-precision W0, then quantise only the residual
+    if cfg.quantize and residual_init:  # QPiSSA / LoftQ: factor the full-precision W0, then quantise the rest
         quantize_base(model, cfg, task, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -131,6 +131,7 @@ class Trainer:
         self.progress = Progress(bar=cfg.progress)
         self.callbacks = self._default_callbacks(callbacks or [])
         self.step_hooks: list[Any] = []  # variants acting after the optimizer step (AdaLoRA, Delta-LoRA): fit() makes them
+        self.resumed_hook_states: list[dict[str, Any]] = []  # their state in the --resume checkpoint
         # what forward runs through: DDP all-reduces the gradients; a sharded model reduce-scatters its own
         self.train_model = model if self.sharded else wrap_ddp(model, self.dist)
 
@@ -185,10 +186,11 @@ class Trainer:
         # FSDP: every rank takes part in gathering the adapter and the optimizer's moments; rank 0 writes them
         weights = fsdp.adapter_state_dict(self.model) if self.sharded else None
         moments = fsdp.gathered_optimizer_state(self.optimizer) if self.sharded else None
+        hook_states = [hook.state_dict() for hook in self.step_hooks]
         self.last_checkpoint = self.dist.on_main(lambda: ckpt.save_checkpoint(
             self.out_dir, step, self.model, self.saves, self.optimizer, self.scheduler, state,
             self.config.save_total_limit, self.scaler, protect=self.keep_checkpoint, weights=weights,
-            optimizer_state=moments)) or ckpt.step_dir(self.out_dir, step)
+            optimizer_state=moments, hook_states=hook_states)) or ckpt.step_dir(self.out_dir, step)
         for callback in self.callbacks:
             callback.on_save(self, step, self.last_checkpoint)
         return self.last_checkpoint
@@ -211,6 +213,22 @@ class Trainer:
             ResumeError: the checkpoint's adapter has other modules than the model's.
         """
         ckpt.restore(directory, self.model, self.saves, self.optimizer, self.scheduler, self.scaler)
+        self._load_hook_states(ckpt.read_hook_states(directory))
+
+    def _load_hook_states(self, states: list[dict[str, Any]]) -> None:
+        """The step hooks' run state from a checkpoint ([]: each goes on from the loaded weights).
+
+        Raises:
+            ResumeError: the checkpoint's hook states do not fit this run's adapters.
+        """
+        if states and len(states) != len(self.step_hooks):
+            raise ckpt.ResumeError(f"the checkpoint holds the state of {len(states)} step hook(s), this run has "
+                              f"{len(self.step_hooks)}")
+        for hook, state in zip(self.step_hooks, states or [{}] * len(self.step_hooks)):
+            try:
+                hook.load_state_dict(state)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ckpt.ResumeError(f"the checkpoint's step hook state does not fit this run ({err})") from err
 
     def resume(self, directory: Path) -> None:
         """Continue from checkpoint `directory`: weights, optimizer, scheduler, scaler, RNG, callbacks' state.
@@ -224,6 +242,7 @@ class Trainer:
         self.schedule = lr_factor(self.config.lr_scheduler_type, warmup, self.total_steps)
         self.scheduler.lr_lambdas = [self.schedule] * len(self.optimizer.param_groups)
         ckpt.restore(directory, self.model, self.saves, self.optimizer, self.scheduler, self.scaler)
+        self.resumed_hook_states = ckpt.read_hook_states(directory)  # loaded once fit() has made the hooks
         self.start_step, self.losses = state["global_step"], list(state.get("losses", []))
         self.last_checkpoint = directory
         saved = state.get("callbacks", {})
@@ -260,6 +279,7 @@ class Trainer:
         self.callbacks.extend(loggers)
         step, final = self.start_step, {}
         self.step_hooks = training_hooks(self.model)  # after a resume: they start from the checkpoint's weights
+        self._load_hook_states(self.resumed_hook_states)  # and its run state (AdaLoRA's averages, masks, factors)
         try:
             for callback in self.callbacks:
                 callback.on_train_begin(self)

@@ -180,8 +180,8 @@ class AdaloraAdapter(LoraAdapter):
         return {"lora_A": tuple(shape_a), "lora_E": (rank, 1), "lora_B": tuple(shape_b)}
 
     @classmethod
-    def as_lora_file(cls, config: LoraConfig,
-                     tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    def as_lora_file(cls, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                     in_features: dict[str, int] | None = None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """The file as plain LoRA with the same ΔW: A' = diag(E) Q, B' = P, per module r = its kept rank and alpha =
         s · r (so that alpha / r = s); modules with no triplet kept are left out (ΔW = 0)."""
         scale = adalora_scale(config.alpha, config.r)

@@ -61,6 +61,42 @@ class AdaloraAllocator:
             adapter.set_kept(keep)
         self.budget = budget
 
+    def state_dict(self) -> dict[str, Any]:
+        """The run state a checkpoint needs to go on exactly: the importance averages, the last budget, each layer's
+        mask and its uncut Q, E, P (the adapter file holds the kept triplets only, as PEFT saves; the masked ones
+        still train through the regulariser and may be kept again). CPU copies."""
+        def copies(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+            return None if tensors is None else [t.detach().cpu().clone() for t in tensors]
+
+        return {"avg_ipt": copies(self.avg_ipt), "avg_unc": copies(self.avg_unc), "budget": self.budget,
+                "kept": [a.kept.detach().cpu().clone() for a in self.adapters],
+                "factors": [[t.detach().cpu().clone() for t in (a.lora_A, a.lora_E, a.lora_B)] for a in self.adapters]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (`state_dict` of a run with the same layers); {} keeps the fresh state.
+
+        Raises:
+            ValueError: the state has another number of layers, or tensors of other shapes.
+        """
+        if not state:
+            return
+        if len(state["kept"]) != len(self.adapters) or len(state["factors"]) != len(self.adapters):
+            raise ValueError(f"AdaLoRA state: {len(state['kept'])} layers saved, {len(self.adapters)} in this run")
+        for adapter, kept, factors in zip(self.adapters, state["kept"], state["factors"]):
+            live = (adapter.lora_A, adapter.lora_E, adapter.lora_B)
+            for tensor, saved in zip(live, factors):
+                if tuple(tensor.shape) != tuple(saved.shape):
+                    raise ValueError(f"AdaLoRA state: a factor of shape {tuple(saved.shape)} saved, "
+                                     f"{tuple(tensor.shape)} in this run")
+                tensor.copy_(saved)
+            adapter.kept.copy_(kept)
+        device = self.adapters[0].lora_A.device
+        for key in ("avg_ipt", "avg_unc"):
+            saved = state[key]
+            setattr(self, key, None if saved is None else [t.to(device) for t in saved])
+        self.budget = int(state["budget"])
+
     def after_optimizer_step(self, step: int) -> None:
         """Update the importance and mask on the schedule (PEFT's update_and_allocate(step))."""
         final = self.total_step - self.tfinal

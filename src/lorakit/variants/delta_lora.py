@@ -118,6 +118,15 @@ class DeltaLoraHook:
                                   f"({module.kind.name}); Delta-LoRA moves W0 and needs a float weight")
             self.layers.append((module, adapter, new_delta_factors(adapter.lora_A, adapter.lora_B)))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing beyond the weights: the reference A, B is the adapter's own at the checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the adapter's current A, B (a checkpoint's, once loaded) as the reference of the next step."""
+        self.layers = [(module, adapter, new_delta_factors(adapter.lora_A, adapter.lora_B))
+                       for module, adapter, _ in self.layers]
+
     def after_optimizer_step(self, step: int) -> None:
         """W0 += λ s (B A - B_old A_old) on every layer when `step` (1-based) >= update_start_step; else only the
         reference A, B is renewed."""

@@ -97,10 +97,11 @@ class LoraAdapter(nn.Module):
         return shapes
 
     @classmethod
-    def as_lora_file(cls, config: LoraConfig,
-                     tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    def as_lora_file(cls, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                     in_features: dict[str, int] | None = None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         """A file of this variant as an equivalent plain LoRA file (same ΔW per module), for readers of LoRA's
-        layout only (lorakit inspect); a LoRA file as it is."""
+        layout only (lorakit inspect); a LoRA file as it is. `in_features` ({module path: k}, from the base model
+        when there is one) is for variants whose files do not record it (VeRA)."""
         return config, tensors
 
     @classmethod

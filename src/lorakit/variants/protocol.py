@@ -84,9 +84,15 @@ class Option:
 
 class TrainingHook(Protocol):
     """What a training loop calls for a variant with `abilities.step_hook` (lorakit's Trainer and the callback for
-    transformers' Trainer both do): after each optimizer step, with the gradients still present."""
+    transformers' Trainer both do): after each optimizer step, with the gradients still present. `state_dict` /
+    `load_state_dict` carry the hook's run state through a checkpoint (lorakit's Trainer saves it beside the
+    adapter and loads it on --resume and when it reloads the best checkpoint)."""
 
     def after_optimizer_step(self, step: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # what a checkpoint keeps of the run (tensors, numbers, lists)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...  # {}: go on from the model's weights as they are
 
 
 @runtime_checkable
@@ -161,7 +167,8 @@ class VariantClass(Protocol):
                     path: str) -> dict[str, tuple[int, ...]]: ...
 
     @classmethod
-    def as_lora_file(cls, config: Any, tensors: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]: ...
+    def as_lora_file(cls, config: Any, tensors: dict[str, torch.Tensor],
+                     in_features: dict[str, int] | None = None) -> tuple[Any, dict[str, torch.Tensor]]: ...
 
     @classmethod
     def file_config(cls, model: nn.Module, name: str, config: ConfigView) -> Any: ...  # a lorakit.LoraConfig

@@ -149,6 +149,41 @@ class VeraAdapter(LoraAdapter):
         return {SHARED_A: projections.vera_A, SHARED_B: projections.vera_B}
 
     @classmethod
+    def as_lora_file(cls, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                     in_features: dict[str, int] | None = None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+        """The file as plain LoRA with the same ΔW: per module A' = diag(λ_d) A[:, :k] (r, k), B' = diag(λ_b) B[:d]
+        (d, r), alpha = r (s = 1). A VeRA file does not record a layer's input size k, so `in_features` ({module
+        path: k}, from the base model) is needed; A and B come from the file (save_projection) or from the seed.
+
+        Raises:
+            AdapterFileError: no `in_features` (pass the base model), or a module missing from it.
+        """
+        from ..errors import AdapterFileError
+
+        if in_features is None:
+            raise AdapterFileError("a VeRA file does not record each layer's input size (k): give the base model "
+                                   "(lorakit inspect ADAPTER --model MODEL)")
+        stems = sorted(k[: -len(".vera_lambda_b")] for k in tensors if k.endswith(".vera_lambda_b"))
+        paths = {stem: stem.split("base_model.model.", 1)[-1] for stem in stems}
+        missing = sorted(p for p in paths.values() if p not in in_features)
+        if missing:
+            raise AdapterFileError(f"the base model has no layer {missing[0]!r} of the VeRA file")
+        dims = {stem: (in_features[paths[stem]], int(tensors[f"{stem}.vera_lambda_b"].shape[0])) for stem in stems}
+        if SHARED_A in tensors and SHARED_B in tensors:
+            vera_A, vera_B = tensors[SHARED_A].float(), tensors[SHARED_B].float()
+        else:  # drawn again from the key, sized as attach sizes them
+            d_max, k_max = largest_dims(list(dims.values()))
+            vera_A, vera_B = vera_projections(config.r, d_max, k_max, config.options["projection_prng_key"])
+        out: dict[str, torch.Tensor] = {}
+        for stem, (k, d) in dims.items():
+            lambda_d, lambda_b = tensors[f"{stem}.vera_lambda_d"].float(), tensors[f"{stem}.vera_lambda_b"].float()
+            out[f"{stem}.lora_A.weight"] = vera_A[:, :k] * lambda_d[:, None]
+            out[f"{stem}.lora_B.weight"] = vera_B[:d] * lambda_b[:, None]
+        others = {key: t for key, t in tensors.items() if "vera_" not in key.rsplit(".", 1)[-1]}
+        lora = config.replace(method="lora", options={}, alpha=float(config.r), use_rslora=False)
+        return lora, {**others, **out}
+
+    @classmethod
     def peft_config(cls, config: LoraConfig) -> dict[str, Any]:
         """PEFT's VeraConfig fields for `config` (alpha has no meaning in VeRA and is not written)."""
         target = config.target_modules
