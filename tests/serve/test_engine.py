@@ -238,3 +238,21 @@ def test_with_the_real_registry_paging_and_a_mix(served, tmp_path) -> None:
     stats = registry.stats  # 3 adapters + a mix through 3 slots: something was evicted to make room
     assert stats["loads"] >= 3 and stats["evictions"] >= 1 and stats["mixes"] == 1 and stats["resident"] <= 3
 
+
+
+def test_an_adapter_unloaded_after_resolution_ends_its_request_with_404(served, engine_for) -> None:
+    """The registry's ServeError at acquire (the adapter was unregistered after the request was resolved) reaches
+    the request's last event with its status, so the app answers 404, not 500."""
+    from lorakit.serve.app import check_event
+
+    class Gone(FakeRegistry):
+        def acquire(self, tgt):
+            raise ServeError(404, "The model `a` does not exist. Adapter `a` was unloaded.", code="model_not_found")
+
+    engine, _ = engine_for(Gone())
+    handle = engine.submit(ids_of(served[1], PROMPTS["a"]), target("a"), GREEDY)
+    last = list(handle.events(timeout=30))[-1]
+    assert last.finish_reason == "error" and last.status == 404
+    with pytest.raises(ServeError) as raised:
+        check_event(last)
+    assert raised.value.status == 404 and raised.value.code == "model_not_found"

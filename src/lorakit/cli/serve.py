@@ -26,6 +26,14 @@ def adapter_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _description_arg(text: str) -> tuple[str, str]:
+    """`NAME=TEXT` -> (name, text)."""
+    name, sep, description = text.partition("=")
+    if not sep or not name or not description.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=TEXT, found {text!r}")
+    return name, description
+
+
 def port_arg(text: str) -> int:
     """A TCP port in [0, 65535]; 0 lets the system pick a free one (printed at start)."""
     try:
@@ -48,6 +56,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, what="the base model")
     parser.add_argument("--adapter", action="append", default=[], type=adapter_arg, metavar="NAME=DIR",
                         help="an adapter to register at start; repeat for several (more: POST /v1/load_lora_adapter)")
+    parser.add_argument("--describe", action="append", default=[], type=_description_arg, metavar="NAME=TEXT",
+                        help="what adapter NAME is for, for \"model\": \"auto\" (routes each request to the adapter "
+                             "whose description is nearest the prompt); repeat per adapter")
     parser.add_argument("--max-loras", type=values.positive_int, default=8,
                         help="adapters resident at once; others are loaded on demand, least recently used evicted "
                              "(default: 8)")
@@ -108,6 +119,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from ..serve.registry import AdapterRegistry
     from ..serve.router import Router
 
+    descriptions = dict(args.describe)
+    unknown = sorted(set(descriptions) - {adapter for adapter, _ in args.adapter})
+    if unknown:
+        raise ConfigError(f"--describe {unknown[0]}=...: no --adapter {unknown[0]}=DIR")
     model, tokenizer = load_model_dir(args.model, task="causal-lm", dtype=args.dtype,
                                       device=resolve_device(args.device), quantize=quantize_arg(args))
     model.eval()
@@ -116,7 +131,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                                router=Router())
     for adapter, path in args.adapter:
         try:
-            registry.register(adapter, path)
+            registry.register(adapter, path, description=descriptions.get(adapter))
         except ServeError as err:
             raise ConfigError(f"--adapter {adapter}={path}: {err.message}") from err
     engine = Engine(model, tokenizer, registry, max_batch=args.max_batch)

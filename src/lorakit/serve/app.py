@@ -133,9 +133,12 @@ async def merged_events(handles: Sequence[SequenceHandle]) -> AsyncIterator[tupl
 
 
 def check_event(event: TokenEvent) -> None:
-    """Raises: ServeError: 500 (server_error) for a sequence the engine ended with an error (an adapter that
-    could not be loaded, a failed forward): the request was valid, the server failed it."""
+    """Raises: ServeError: for a sequence the engine ended with an error: 404 when its adapter was unloaded after the
+    request was resolved (the model no longer exists), else 500 (server_error: an adapter file broken since it was
+    registered, a failed forward; the request was valid, the server failed it)."""
     if event.finished and event.finish_reason == "error":
+        if event.status == 404:
+            raise ServeError(404, f"{event.error}", param="model", code="model_not_found")
         raise ServeError(500, f"generation failed: {event.error}", type="server_error")
 
 

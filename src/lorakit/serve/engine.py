@@ -268,7 +268,9 @@ class Engine:
                 seq.adapter = self.registry.acquire(seq.target)
             except Exception as exc:  # noqa: BLE001 - an adapter that cannot be made resident ends its request
                 self._take_waiting(seq)
-                self._finish(seq, "error", f"adapter for {seq.target.served!r} could not be loaded: {exc}")
+                status = exc.status if isinstance(exc, ServeError) else None  # unloaded meanwhile, file broken
+                self._finish(seq, "error", f"adapter for {seq.target.served!r} could not be loaded: {exc}",
+                             status=status)
                 admitted = True
                 continue
             if seq.adapter is None:  # loading in the background: try again next step, let the others pass
@@ -365,10 +367,11 @@ class Engine:
         return True
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None, piece: str = "",
-                token: int | None = None) -> None:
-        """Send `seq`'s last event, record its result, release its adapter."""
+                token: int | None = None, status: int | None = None) -> None:
+        """Send `seq`'s last event (with `status`: an error the request caused), record its result, release its
+        adapter."""
         result = SequenceResult(seq.text.text, list(seq.token_ids), reason, error)
-        seq.handle.deliver(TokenEvent(piece, token, True, reason, error), result)
+        seq.handle.deliver(TokenEvent(piece, token, True, reason, error, status), result)
         key = {"cancelled": "cancelled", "error": "errors"}.get(reason, "finished")
         with self._cond:
             self._stats[key] += 1

@@ -30,6 +30,7 @@ class TokenEvent:
     finished: bool  # the last event of the sequence
     finish_reason: str | None = None  # on the last event: "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # with finish_reason "error": what went wrong
+    status: int | None = None  # with "error": the HTTP status the request's failure deserves (None: the server's, 500)
 
 
 @dataclass

@@ -43,8 +43,13 @@ class ConfigView(Protocol):
     method: str
     options: dict[str, Any]
     target_modules: Any
-    residual_init: bool
-    init_from_weights: bool  # A, B computed from W0 at attach (PiSSA, OLoRA, LoftQ)
+
+    @property
+    def residual_init(self) -> bool: ...  # PiSSA / OLoRA: W0 keeps the residual
+
+    @property
+    def init_from_weights(self) -> bool: ...  # A, B computed from W0 at attach (PiSSA, OLoRA, LoftQ)
+
     lora_bias: bool  # PEFT's lora_bias: a trained bias on B
 
     def rank_for(self, module_path: str) -> int: ...
