@@ -293,7 +293,7 @@ def report(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
         vs_merged = _median_ratio(rounds, f"lorakit:{count}", f"merged:{count}")
         goals.append(f"| {count} | {vs_one:.2f}x | {vs_peft:.2f}x | {vs_merged:.2f}x |"
                      + (f" {'yes' if vs_one >= GOAL_VS_ONE and vs_peft >= GOAL_VS_PEFT else 'NO'} |"
-                        if count == max(int(c) for c in result["runs"]) else " - |"))
+                        if int(count) == max(int(c) for c in result["runs"]) else " - |"))
     lines += ["", "| adapters | lorakit:N / lorakit-one | lorakit:N / PEFT loop | lorakit:N / merged | "
               f"goals (largest N: >= {GOAL_VS_ONE}x one adapter, >= {GOAL_VS_PEFT}x PEFT loop) |",
               "|---|---|---|---|---|", *goals]
