@@ -162,9 +162,16 @@ ROWS = [
     ("inspect-rank-tol-negative", "inspect {adapter} --rank-tol -1", 2, "--rank-tol"),
     ("inspect-vllm-adapter-missing", "inspect {missing} --check vllm", 2, "missing"),
     ("inspect-max-lora-rank-0", "inspect {adapter} --check vllm --max-lora-rank 0", 2, "--max-lora-rank"),
+    # serve (each refused before the server starts; --port 0: no fixed port is taken)
+    ("serve-model-missing", "serve --model {missing} --port 0", 2, "missing"),
+    ("serve-adapter-not-name-dir", "serve --model {model} --port 0 --adapter {adapter}", 2, "--adapter"),
+    ("serve-adapter-missing", "serve --model {model} --port 0 --adapter a={missing}", 2, "missing"),
+    ("serve-port-out-of-range", "serve --model {model} --port 70000", 2, "--port"),
+    ("serve-max-loras-0", "serve --model {model} --port 0 --max-loras 0", 2, "--max-loras"),
+    ("serve-describe-no-adapter", "serve --model {model} --port 0 --describe b=text", 2, "--describe"),
 ]
 FAILS_WHILE_RUNNING = {"train-diverges-at-the-last-step", "train-rank-beyond-memory"}  # --out is in use by then
-COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect")
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "serve")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
