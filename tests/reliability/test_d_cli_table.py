@@ -162,6 +162,10 @@ ROWS = [
     ("inspect-rank-tol-negative", "inspect {adapter} --rank-tol -1", 2, "--rank-tol"),
     ("inspect-vllm-adapter-missing", "inspect {missing} --check vllm", 2, "missing"),
     ("inspect-max-lora-rank-0", "inspect {adapter} --check vllm --max-lora-rank 0", 2, "--max-lora-rank"),
+    # plan (reads config.json only)
+    ("plan-model-missing", "plan --model {missing}", 2, "missing"),
+    ("plan-r-0", "plan --model {model} --r 0", 2, "--r"),
+    ("plan-targets-match-nothing", "plan --model {model} --target-modules nothing_here", 2, "--target-modules"),
     # serve (each refused before the server starts; --port 0: no fixed port is taken)
     ("serve-model-missing", "serve --model {missing} --port 0", 2, "missing"),
     ("serve-adapter-not-name-dir", "serve --model {model} --port 0 --adapter {adapter}", 2, "--adapter"),
@@ -171,7 +175,7 @@ ROWS = [
     ("serve-describe-no-adapter", "serve --model {model} --port 0 --describe b=text", 2, "--describe"),
 ]
 FAILS_WHILE_RUNNING = {"train-diverges-at-the-last-step", "train-rank-beyond-memory"}  # --out is in use by then
-COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "serve")
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "plan", "serve")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
