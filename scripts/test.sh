@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "test.sh: no chromium: the browser test of lorakit report will be skipped (install it: apt-get install -y chromium)"
+fi
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/mypy  # the adapter protocol, the registries and their implementations ([tool.mypy] in pyproject.toml)
 set +e

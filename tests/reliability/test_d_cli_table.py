@@ -162,6 +162,11 @@ ROWS = [
     ("inspect-rank-tol-negative", "inspect {adapter} --rank-tol -1", 2, "--rank-tol"),
     ("inspect-vllm-adapter-missing", "inspect {missing} --check vllm", 2, "missing"),
     ("inspect-max-lora-rank-0", "inspect {adapter} --check vllm --max-lora-rank 0", 2, "--max-lora-rank"),
+    # report
+    ("report-dir-missing", "report {missing} --out {out}", 2, "missing"),
+    ("report-dir-is-a-file", "report {file} --out {out}", 2, "a_file"),
+    ("report-dir-is-a-model", "report {model} --out {out}", 2, "neither an adapter directory"),
+    ("report-model-missing", "report {adapter} --model {missing} --out {out}", 2, "missing"),
     # plan (reads config.json only)
     ("plan-model-missing", "plan --model {missing}", 2, "missing"),
     ("plan-r-0", "plan --model {model} --r 0", 2, "--r"),
@@ -175,7 +180,7 @@ ROWS = [
     ("serve-describe-no-adapter", "serve --model {model} --port 0 --describe b=text", 2, "--describe"),
 ]
 FAILS_WHILE_RUNNING = {"train-diverges-at-the-last-step", "train-rank-beyond-memory"}  # --out is in use by then
-COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "plan", "serve")
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "report", "plan", "serve")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:

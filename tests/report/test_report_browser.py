@@ -1,0 +1,77 @@
+"""`lorakit report`'s page in a real browser: headless Chromium (Debian's `chromium` package) loads the file with
+no console message, the widgets set from the URL's hash (#k=..&module=..&d=..&r=..) show Python's numbers in the
+dumped DOM, and a screenshot is taken. Skipped, with the reason, where no Chromium is installed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+from report_helpers import inlined_data
+
+from lorakit.cli.main import main
+from lorakit.report.page import ba_counts
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium: install it with `apt-get install -y chromium` (Debian) to run the "
+                             "browser tests of lorakit report")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
+         "--enable-logging=stderr", "--v=0"]
+
+
+def _chromium(args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _shown(dom: str, element_id: str) -> tuple[str, str]:
+    """(data-value, text) of the element with that id in the dumped DOM."""
+    found = re.search(rf'<[a-z]+ ([^>]*\bid="{re.escape(element_id)}"[^>]*)>([^<]*)<', dom)
+    assert found, f"no element #{element_id} in the dumped DOM"
+    value = re.search(r'data-value="([^"]*)"', found.group(1))
+    return (value.group(1) if value else ""), found.group(2)
+
+
+def _console_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+def test_page_in_headless_chromium(report_run, causal_lm_dir, tmp_path):
+    page = tmp_path / "report.html"
+    assert main(["report", str(report_run), "--model", str(causal_lm_dir), "--out", str(page)]) == 0
+    data = inlined_data(page.read_text(encoding="utf-8"))
+    module = data["adapter"]["modules"][3]
+    k, d, r = 3, 1024, 4
+    url = f"{page.as_uri()}#k={k}&module={module['module']}&d={d}&r={r}"
+    run = _chromium(["--dump-dom", url], tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert _console_lines(run.stderr) == [], "console messages while loading the page"
+    dom = run.stdout
+    assert 'data-ready="1"' in dom, "the page's script did not finish"
+    assert _shown(dom, "slider-k")[1] == str(k)
+    expected = module["rank_k"][k - 1]
+    for element_id, key in (("energy-kept", "energy_kept"), ("rel-error", "rel_error"), ("bound", "bound")):
+        value, text = _shown(dom, element_id)
+        assert float(value) == expected[key], element_id  # the shortest round-trip text of the same double
+    assert _shown(dom, "rel-error")[1] == _shown(dom, "bound")[1]
+    assert _shown(dom, "energy-kept")[1] == f"{100 * expected['energy_kept']:.4f}%"
+    counts = ba_counts(d, r)
+    assert _shown(dom, "ba-lora-params") == (str(counts["lora"]), f"{counts['lora']:,}")
+    assert _shown(dom, "ba-full-params") == (str(counts["full"]), f"{counts['full']:,}")
+    assert _shown(dom, "ba-ratio") == (f"{counts['ratio']:g}", f"{counts['ratio']:g}x")
+
+    default = _chromium(["--dump-dom", page.as_uri()], tmp_path)  # no hash: k = 1, d = 4096, r = 8
+    assert _console_lines(default.stderr) == []
+    assert _shown(default.stdout, "slider-k")[1] == "1"
+    assert _shown(default.stdout, "ba-lora-params")[1] == "65,536"
+    assert _shown(default.stdout, "ba-full-params")[1] == "16,777,216"
+    assert _shown(default.stdout, "ba-ratio")[1] == "256x"
+
+    shot = tmp_path / "report.png"
+    taken = _chromium(["--hide-scrollbars", f"--screenshot={shot}", "--window-size=1200,2000", url], tmp_path)
+    assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _console_lines(taken.stderr) == []
