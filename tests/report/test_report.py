@@ -8,11 +8,14 @@ import math
 import re
 
 import pytest
-from report_helpers import RUN_STEPS, expected_rank_k, inlined_data
+from report_helpers import RUN_STEPS, build_peft_adapter, build_report_run, expected_rank_k, inlined_data
 
 from lorakit.cli.main import main
 from lorakit.report.data import heatmap_grid, layer_and_type, rank_k_table
 from lorakit.report.page import _json_for_script, ba_counts, render
+
+report_run = pytest.fixture(build_report_run, scope="module", name="report_run")
+peft_adapter = pytest.fixture(build_peft_adapter, scope="module", name="peft_adapter")
 
 
 def test_rank_k_table_energy_error_and_bound():

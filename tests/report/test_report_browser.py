@@ -9,10 +9,12 @@ import shutil
 import subprocess
 
 import pytest
-from report_helpers import inlined_data
+from report_helpers import build_report_run, inlined_data
 
 from lorakit.cli.main import main
 from lorakit.report.page import ba_counts
+
+report_run = pytest.fixture(build_report_run, scope="module", name="report_run")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
