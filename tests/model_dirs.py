@@ -74,3 +74,22 @@ def make_classifier_dir(path: Path, num_labels: int = 2, hidden: int = 32, layer
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_random_adapter(model_dir: Path, out: Path, config, std: float, seed: int) -> Path:
+    """Attach `config` (a lorakit.LoraConfig) to the causal LM in `model_dir`, give its B factors random values
+    (N(0, std), seeded: the adapter changes the output) and save it to `out`."""
+    import transformers
+
+    import lorakit
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    lorakit.attach(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+    lorakit.save_adapter(model, out)
+    return out

@@ -20,22 +20,14 @@ from safetensors import safe_open
 import lorakit
 from lorakit import analysis, generation, hf
 from lorakit.cli.main import main
+from model_dirs import save_random_adapter
 
 PROMPT = "one two three four"
 
 
 # -- fixtures --------------------------------------------------------------------------------------------
 def _make_adapter(model_dir: Path, out: Path, config: lorakit.LoraConfig, std: float, seed: int) -> Path:
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(seed)
-    lorakit.attach(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    lorakit.save_adapter(model, out)
-    return out
+    return save_random_adapter(model_dir, out, config, std, seed)
 
 
 @pytest.fixture(scope="module")

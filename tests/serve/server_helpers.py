@@ -17,11 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import torch
-import transformers
 
 import lorakit
 from lorakit import generation, hf
+from model_dirs import save_random_adapter
 
 TARGET_SETS = (["q_proj", "v_proj"], ["k_proj", "o_proj"], ["up_proj", "down_proj"], ["q_proj", "gate_proj"])
 
@@ -29,17 +28,9 @@ TARGET_SETS = (["q_proj", "v_proj"], ["k_proj", "o_proj"], ["up_proj", "down_pro
 def make_adapter(model_dir: Path, out: Path, seed: int, r: int = 4, std: float = 0.5) -> Path:
     """A LoRA adapter for the model in `model_dir` whose B factors are random (not zero), saved to `out`;
     the targeted modules depend on the seed, so different adapters change different layers."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(seed)
     targets = TARGET_SETS[seed % len(TARGET_SETS)]
-    lorakit.attach(model, lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=targets, dropout=0.0))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
-    lorakit.save_adapter(model, out)
-    return out
+    config = lorakit.LoraConfig(r=r, alpha=2 * r, target_modules=targets, dropout=0.0)
+    return save_random_adapter(model_dir, out, config, std, seed)
 
 
 class Offline:
