@@ -202,6 +202,9 @@ def adapter_report(
             w_norm = float(torch.linalg.vector_norm(w0.detach().double()))
             row["weight_fro_norm"] = w_norm
             row["ratio_to_weight"] = norm / w_norm if w_norm > 0 else None
+        magnitude = tensors.get(f"{PREFIX}{path}.lora_magnitude_vector", tensors.get(f"{path}.lora_magnitude_vector"))
+        if magnitude is not None:  # DoRA: the trained magnitude per output row, and with W0 its change
+            row["dora"] = _dora_rows(magnitude, lora_A, lora_B, scale, model, path, directory)
         modules.append(row)
 
     lora_params = sum(m["params"] for m in modules)
@@ -261,6 +264,29 @@ def _base_weight(model: torch.nn.Module, path: str, where: Path) -> torch.Tensor
             f"weight); was it trained on another model?"
         )
     return weight
+
+
+def _dora_rows(magnitude: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+               model: torch.nn.Module | None, path: str, where: Path) -> dict[str, Any]:
+    """A DoRA module's magnitude m per output row; with the model also, per row, the magnitude change
+    ΔM_i = m_i - ||W0_i|| and the direction change ΔD_i = 1 - cos(W0_i + s (B A)_i, W0_i) (ops.dora), and their means
+    (mean |ΔM_i|, mean ΔD_i: the DoRA paper's ΔM and ΔD)."""
+    from .layer_kinds import kind_of
+    from .ops.dora import lowrank_magnitude_direction
+
+    m = magnitude.detach().reshape(-1).float()
+    found: dict[str, Any] = {"magnitude": [float(x) for x in m], "magnitude_change": None, "direction_change": None,
+                             "mean_abs_magnitude_change": None, "mean_direction_change": None}
+    if model is None:
+        return found
+    module = model.get_submodule(path)
+    kind = kind_of(module)
+    layout = kind.weight_layout if kind is not None else "dk"
+    dm, dd = lowrank_magnitude_direction(_base_weight(model, path, where).detach(), layout, lora_A.float(),
+                                         lora_B.float(), scale, m)
+    found.update(magnitude_change=[float(x) for x in dm], direction_change=[float(x) for x in dd],
+                 mean_abs_magnitude_change=float(dm.abs().mean()), mean_direction_change=float(dd.mean()))
+    return found
 
 
 def _model_bytes(model: torch.nn.Module) -> tuple[int, int]:

@@ -5,29 +5,18 @@ dumped DOM, and a screenshot is taken. Skipped, with the reason, where no Chromi
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
+from browser_helpers import chromium as _chromium
+from browser_helpers import console_lines as _console_lines
+from browser_helpers import skip_without_chromium
 from report_helpers import build_report_run, inlined_data
 
 from lorakit.cli.main import main
 from lorakit.report.page import ba_counts
 
 report_run = pytest.fixture(build_report_run, scope="module", name="report_run")
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium: install it with `apt-get install -y chromium` (Debian) to run the "
-                             "browser tests of lorakit report")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-         "--enable-logging=stderr", "--v=0"]
-
-
-def _chromium(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    profile = tmp_path / "chromium-profile"
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
+pytestmark = skip_without_chromium
 
 
 def _shown(dom: str, element_id: str) -> tuple[str, str]:
@@ -36,10 +25,6 @@ def _shown(dom: str, element_id: str) -> tuple[str, str]:
     assert found, f"no element #{element_id} in the dumped DOM"
     value = re.search(r'data-value="([^"]*)"', found.group(1))
     return (value.group(1) if value else ""), found.group(2)
-
-
-def _console_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
 
 
 def test_page_in_headless_chromium(report_run, causal_lm_dir, tmp_path):

@@ -130,8 +130,13 @@ def run(args: argparse.Namespace) -> int:
         missing = "--model" if cfg.model is None else "--data"
         raise ConfigError(f"{missing} is required when the other is given (give neither for the embedded demo)")
     from ..train.loop import train
+    from ..train.memory import PeakMemory, write_memory_json
 
+    memory = PeakMemory().start()  # this process is the CLI's own: resetting its peak-memory mark is ours to do
     train(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0's process (each process measures its own)
+        write_memory_json(cfg.out, memory.stop(), covers="loading, training, evaluation and saving in this process"
+                          + (" (rank 0 of a torchrun run)" if "RANK" in os.environ else ""))
     return 0
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -20,85 +18,10 @@ from typing import Any
 
 import torch
 
+from ..train.memory import PeakMemory, write_memory_json
 from . import family, minilm
 from .settings import LORA_TARGETS, QUICK, DemoSettings
 from .stdlib_docs import DocDataset, build_dataset
-
-
-# -- memory -----------------------------------------------------------------------------------------------
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak resident memory of this process between start() and stop(), in bytes.
-
-    On Linux the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs; elsewhere a
-    thread samples the resident size every 20 ms (psutil, if installed). On a GPU the peak of allocated
-    memory is reported too.
-    """
-
-    def __init__(self) -> None:
-        self._sampled = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.method = ""
-        self.start_bytes = 0
-
-    def start(self) -> PeakMemory:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            if _status_kib("VmHWM") is None:
-                raise OSError("no VmHWM")
-            self.method = "VmHWM"
-            self.start_bytes = (_status_kib("VmRSS") or 0) * 1024
-        except OSError:
-            self.method = "sampled"
-            self.start_bytes = self._sample()
-            self._sampled = self.start_bytes
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    @staticmethod
-    def _sample() -> int:
-        try:
-            import psutil
-
-            return int(psutil.Process().memory_info().rss)
-        except ImportError:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # a lifetime peak: the best there is
-            return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB elsewhere
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            self._sampled = max(self._sampled, self._sample())
-
-    def stop(self) -> dict[str, int | str]:
-        if self.method == "VmHWM":
-            peak = (_status_kib("VmHWM") or 0) * 1024
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            peak = max(self._sampled, self._sample())
-        result: dict[str, int | str] = {"peak_rss_bytes": peak, "start_rss_bytes": self.start_bytes,
-                                        "peak_rss_growth_bytes": max(0, peak - self.start_bytes),
-                                        "memory_method": self.method}
-        if torch.cuda.is_available():
-            result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
-        return result
 
 
 # -- training: one run through `lorakit train`'s loop ------------------------------------------------------
@@ -157,6 +80,9 @@ def run_one(method: str, data: DocDataset, tokenizer: Any, out_dir: Path, s: Dem
         "learning_rate": learning_rate, "epochs": epochs, "wall_seconds": seconds, **memory.stop(),
         "disk_bytes": _dir_bytes(Path(fit["saved_to"])),
     }
+    measured = {k: v for k, v in result.items() if "rss" in k or "gpu" in k or k == "memory_method"}
+    write_memory_json(out_dir / method, measured,
+                      covers="loading, training, evaluation and saving of this run (the demo's process)")
     log(f"{name}: test accuracy {fit['test_accuracy']:.4f}, {fit['train_seconds']:.0f}s training, "
         f"{seconds:.0f}s in all")
     del model

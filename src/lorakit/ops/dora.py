@@ -83,6 +83,58 @@ def dora_merged_weight(
     return merged, c
 
 
+@torch.no_grad()
+def row_magnitude_direction(w0: torch.Tensor, w1: torch.Tensor, layout: str = "dk") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output row i of a weight moving from W0 to W1 (dense, e.g. full fine-tuning), the DoRA paper's
+    magnitude and direction changes (Liu et al. 2024, section 2.2), per row as lorakit's and PEFT's DoRA normalise:
+
+        ΔM_i = ||W1_i|| - ||W0_i||          (signed; the paper averages |ΔM_i|)
+        ΔD_i = 1 - cos(W1_i, W0_i)          (0 for an unchanged direction; a zero row counts as cos = 1)
+
+    Computed in fp32 (fp64 for a fp64 weight). Returns two (d,) tensors.
+
+    Raises:
+        ValueError: W0 and W1 of different shapes.
+    """
+    if w0.shape != w1.shape:
+        raise ValueError(f"row_magnitude_direction: W0 has shape {tuple(w0.shape)}, W1 {tuple(w1.shape)}")
+    acc = torch.promote_types(w0.dtype, torch.float32)
+    r0, r1 = weight_rows(w0, layout).to(acc), weight_rows(w1, layout).to(acc)
+    n0, n1 = torch.linalg.vector_norm(r0, dim=1), torch.linalg.vector_norm(r1, dim=1)
+    return n1 - n0, _one_minus_cos((r0 * r1).sum(1), n0, n1)
+
+
+def _one_minus_cos(dot: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> torch.Tensor:
+    denom = n0 * n1
+    cos = torch.where(denom > 0, dot / denom.clamp_min(torch.finfo(denom.dtype).tiny), torch.ones_like(dot))
+    return (1.0 - cos.clamp(-1.0, 1.0)).clamp_min(0.0)
+
+
+@torch.no_grad()
+def lowrank_magnitude_direction(w0: torch.Tensor, layout: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                                scale: float, magnitude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_magnitude_direction for W1 = W0 + s B A (LoRA), or with `magnitude` m for DoRA, whose row i is
+    W1_i = m_i V_i / ||V_i||, V = W0 + s B A (so ||W1_i|| = m_i and W1_i points along V_i), without forming the
+    d x k matrix:
+
+        ||V_i||² = ||W0_i||² + 2 s B_i · (A W0ᵀ)_{:,i} + s² B_i A Aᵀ B_iᵀ       (dora_norm)
+        W0_i · V_i = ||W0_i||² + s B_i · (A W0ᵀ)_{:,i}
+
+    Returns (ΔM, ΔD), two (d,) tensors in fp32 (fp64 for a fp64 base).
+    """
+    w0_sq = row_norms_sq(w0, layout)
+    acc = w0_sq.dtype
+    n_v = dora_norm(w0_sq, w0, layout, lora_A, lora_B, scale, eps=0.0)
+    rows = weight_rows(w0, layout)
+    a = lora_A.flatten(1)
+    b = lora_B.flatten(1).to(acc)
+    cross = (b * (a.to(rows.dtype) @ rows.t()).to(acc).t()).sum(1)
+    dot = w0_sq + scale * cross
+    n0 = w0_sq.sqrt()
+    m1 = n_v if magnitude is None else magnitude.reshape(-1).to(acc)
+    return m1 - n0, _one_minus_cos(dot, n0, n_v)
+
+
 class _DoraLinear(torch.autograd.Function):
     """y = c ⊙ (x W0ᵀ + coeff · (x ⊙ keep) Aᵀ Bᵀ) + b, c = m / n, for a frozen W0; n is a constant."""
 

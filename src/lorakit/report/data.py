@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFileError, ConfigError
+from .grid import heatmap_grid, layer_and_type
 
 CONFIG_NAME = "adapter_config.json"
 RUN_MARKERS = ("metrics.jsonl", "adapter", "checkpoints", "train_config.yaml")
@@ -45,35 +45,6 @@ def rank_k_table(singular_values: list[float]) -> list[dict[str, float | int | N
         rows.append({"k": k, "energy_kept": math.fsum(energy[:k]) / total, "rel_error": math.sqrt(tail),
                      "bound": math.sqrt(tail)})
     return rows
-
-
-def layer_and_type(module_path: str) -> tuple[int | None, str]:
-    """(layer index, module type) of a module path: "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj");
-    the last number in the path is the layer; a path with none is (None, the path)."""
-    found = None
-    for match in re.finditer(r"(?:^|\.)(\d+)(?=\.)", module_path):
-        found = match
-    if found is None:
-        return None, module_path
-    return int(found.group(1)), module_path[found.end() + 1:]
-
-
-def heatmap_grid(values: dict[str, float | None]) -> dict[str, Any]:
-    """{module path: value} as a grid: rows = layer indices (ascending), columns = module types (first-seen order),
-    cells[i][j] the value or None. Paths without a layer index form a row labelled "-"."""
-    rows: list[int | None] = []
-    cols: list[str] = []
-    cells: dict[tuple[int | None, str], float | None] = {}
-    for path, value in values.items():
-        layer, kind = layer_and_type(path)
-        if layer not in rows:
-            rows.append(layer)
-        if kind not in cols:
-            cols.append(kind)
-        cells[(layer, kind)] = value
-    rows.sort(key=lambda x: (x is None, x if x is not None else 0))
-    return {"rows": ["-" if r is None else str(r) for r in rows], "cols": cols,
-            "cells": [[cells.get((r, c)) for c in cols] for r in rows]}
 
 
 # -- metrics.jsonl ---------------------------------------------------------------------------------------
@@ -190,7 +161,9 @@ def checkpoint_ratios(run_dir: Path, weight_norms: dict[str, float | None]) -> d
 def gather(directory: str | Path, model_dir: str | None = None, dtype: str | None = "auto",
            quantize: str | None = None) -> dict[str, Any]:
     """Everything the page shows, JSON-able: {"kind", "source", "model_dir", "curves" (runs), "adapter" (None for
-    a run without a LoRA adapter, e.g. full fine-tuning), "checkpoints" (runs with --model)}. `dtype` and
+    a run without a LoRA adapter, e.g. full fine-tuning), "checkpoints" (runs with --model), "memory" (runs with
+    memory.json: the plan against the measured peak, report/measured.py), "nf4" (with --model and --quantize nf4:
+    the NF4 error per module, report/nf4_error.py)}. DoRA modules carry "dora" (analysis.adapter_report). `dtype` and
     `quantize` are how the model is loaded (analysis.adapter_report's).
 
     Raises:
@@ -200,10 +173,20 @@ def gather(directory: str | Path, model_dir: str | None = None, dtype: str | Non
     path = Path(directory)
     kind = kind_of_dir(path)
     data: dict[str, Any] = {"kind": kind, "source": str(path), "model_dir": model_dir, "curves": None,
-                            "adapter": None, "checkpoints": None}
+                            "adapter": None, "checkpoints": None, "memory": None, "nf4": None}
+    if model_dir is not None and quantize == "nf4":
+        from ..hf import adapter_task
+        from .nf4_error import nf4_error_data
+
+        adapter_dir = path if kind == "adapter" else path / "adapter"
+        task = adapter_task(adapter_dir) if (adapter_dir / CONFIG_NAME).is_file() else None
+        data["nf4"] = nf4_error_data(model_dir, dtype, task)
     if kind == "adapter":
         data["adapter"] = adapter_data(path, model_dir, dtype, quantize)
         return data
+    from .measured import plan_vs_measured
+
+    data["memory"] = plan_vs_measured(path)
     metrics = path / "metrics.jsonl"
     data["curves"] = curves(read_metrics(metrics)) if metrics.is_file() else None
     if (path / "adapter" / CONFIG_NAME).is_file():

@@ -8,6 +8,7 @@ A and B shapes, and the linears NF4 would store are those lorakit.load_model qua
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,12 @@ def model_shapes(config: Any, *, r: int, target_modules: list[str] | str, task: 
     model = meta_model(config, task)
     adapted = tuple((path, *adapter_params(model.get_submodule(path), r)) for path in find_targets(model, lora))
     params = {n: p.numel() for n, p in model.named_parameters()}  # tied parameters once
+    arch = architecture(config, model)
+    if (normalize_task(task) or task_from_config(config)) == "classification":  # the head's outputs are labels
+        arch = dataclasses.replace(arch, vocab=int(getattr(config, "num_labels", 2) or 2))
     return ModelShapes(name=name or type(config).__name__, params=params,
                        quantizable=quantizable_weights(model) & params.keys(), adapted=adapted,
-                       architecture=architecture(config, model), linears=linear_inputs(model))
+                       architecture=arch, linears=linear_inputs(model))
 
 
 def plan_model(name_or_path: str | Path, *, r: int, target_modules: list[str] | str, dtype: str = "auto",
