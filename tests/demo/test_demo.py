@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -100,6 +101,20 @@ def test_quick_demo_trains_both_and_writes_table_and_adapter(tmp_path, monkeypat
     assert len(lines) == 3 and json.loads(lines[-1])["summary"]["quick"] is True
     assert "LoRA r=8" in capsys.readouterr().out
     assert result["summary"]["total_seconds"] > 0  # measured; no time limit here (a loaded CI machine is slower)
+    for method in ("lora", "full"):  # each run's peak memory, for `lorakit report`'s plan-against-measured section
+        memory = json.loads((tmp_path / method / "memory.json").read_text())
+        assert memory["peak_rss_bytes"] == result["runs"][method]["peak_rss_bytes"]
+
+    from lorakit.cli.main import main
+
+    page = tmp_path / "report.html"  # `lorakit report` on the demo's output: its table, then the LoRA run
+    assert main(["report", str(tmp_path), "--out", str(page)]) == 0
+    html = page.read_text(encoding="utf-8")
+    data = json.loads(re.search(r'id="report-data">(.*?)</script>', html, re.S).group(1))
+    assert data["kind"] == "demo" and data["demo"]["shown"] == "lora" and data["model_from_run"] is True
+    assert [row[0] for row in data["demo"]["table"]["rows"]] == ["LoRA r=8", "full fine-tuning"]
+    assert data["adapter"]["heatmap"]["rows"] == [str(i) for i in range(6)]  # MiniLM's 6 layers, from the run's model
+    assert data["memory"]["plan_total"] > 0 and data["memory"]["measured_bytes"] == lora["peak_rss_growth_bytes"]
 
 
 def test_the_demo_takes_the_device_and_refuses_flags_it_would_ignore(tmp_path, capsys):

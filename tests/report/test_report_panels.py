@@ -158,3 +158,19 @@ def test_panels_load_in_headless_chromium(dora_adapter, cli_run, causal_lm_dir, 
         assert run.returncode == 0 and console_lines(run.stderr) == [], run.stderr[-2000:]
         assert 'data-ready="1"' in run.stdout, f"{name}: the page's script did not finish"
     assert 'id="dora"' in (tmp_path / "dora.html").read_text() and 'id="nf4"' in (tmp_path / "dora.html").read_text()
+
+
+def test_markdown_table_of_the_demo():
+    from lorakit.report.demo_dir import markdown_table
+
+    text = "| method | acc |\n|---|:-:|\n| LoRA r=8 | 82.5% |\n| full | 85.0% |\n\nChance: 50%.\n\nLoRA reaches 97%.\n"
+    assert markdown_table(text) == {"head": ["method", "acc"], "rows": [["LoRA r=8", "82.5%"], ["full", "85.0%"]],
+                                    "after": "Chance: 50%.\n\nLoRA reaches 97%."}
+    assert markdown_table("no table")["rows"] == []
+
+
+def test_a_run_uses_its_own_model_without_model_flag(cli_run, causal_lm_dir):
+    data = gather(cli_run)
+    assert data["model_from_run"] is True and data["model_dir"] == str(causal_lm_dir)
+    assert data["adapter"]["heatmap"] is not None
+    assert "the run's own, from train_config.yaml" in render(data)

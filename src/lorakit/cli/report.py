@@ -1,6 +1,8 @@
 """`lorakit report`: one self-contained HTML page of what an adapter learned (lorakit.report.data gathers,
-lorakit.report.page draws): training curves of a run, ||sBA||_F / ||W0||_F per module (with --model), each
-module's spectrum, the rank slider and the "B A forming" widget. Works offline: no CDN, everything inline."""
+lorakit.report.page draws): training curves of a run, the plan next to the measured memory, ||sBA||_F / ||W0||_F per
+module (with --model, or a run's own model), each module's spectrum, the rank slider, the "B A forming" widget,
+DoRA's magnitude per row and, with --quantize nf4, the NF4 error per module. The embedded demo's output directory
+gives its table and its LoRA run. Works offline: no CDN, everything inline."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "report", help="one self-contained HTML page of a run or adapter: curves, spectra, the rank slider",
     )
     parser.add_argument("directory", metavar="RUN_OR_ADAPTER_DIR",
-                        help="a `lorakit train` output directory (metrics.jsonl, adapter/) or an adapter directory "
-                             "(PEFT layout)")
+                        help="a `lorakit train` output directory (metrics.jsonl, adapter/), the embedded demo's output "
+                             "directory (runs/demo), or an adapter directory (PEFT layout)")
     add_model_arguments(parser, required=False, what="base model (adds ||sBA||_F / ||W0||_F per module and per "
                                                      "checkpoint)")
     parser.add_argument("--out", default="report.html", metavar="FILE",

@@ -163,17 +163,31 @@ def gather(directory: str | Path, model_dir: str | None = None, dtype: str | Non
     """Everything the page shows, JSON-able: {"kind", "source", "model_dir", "curves" (runs), "adapter" (None for
     a run without a LoRA adapter, e.g. full fine-tuning), "checkpoints" (runs with --model), "memory" (runs with
     memory.json: the plan against the measured peak, report/measured.py), "nf4" (with --model and --quantize nf4:
-    the NF4 error per module, report/nf4_error.py)}. DoRA modules carry "dora" (analysis.adapter_report). `dtype` and
+    the NF4 error per module, report/nf4_error.py), "demo" (the embedded demo's output directory: its table; the
+    rest is then its first adapter run's), "model_from_run"}. DoRA modules carry "dora" (analysis.adapter_report).
+    Without `model_dir`, a run's own model (train_config.yaml) is used when it is a local directory. `dtype` and
     `quantize` are how the model is loaded (analysis.adapter_report's).
 
     Raises:
         AdapterFileError: a missing directory, one that is neither a run nor an adapter, a bad adapter.
         ConfigError: a corrupt metrics.jsonl. ModelDirError / ShapeMismatchError: a bad or mismatched model.
     """
+    from .demo_dir import demo_records, demo_summary, run_model, shown_method
+
     path = Path(directory)
+    records = demo_records(path) if path.is_dir() else None
+    if records is not None:  # the embedded demo's output: its table, then one method's run
+        shown = shown_method(path, records)
+        data = gather(path / shown, model_dir, dtype, quantize)
+        data.update(kind="demo", source=str(path), demo=demo_summary(path, records, shown))
+        return data
     kind = kind_of_dir(path)
+    model_from_run = model_dir is None and kind == "run" and run_model(path) is not None
+    if model_from_run:
+        model_dir = run_model(path)
     data: dict[str, Any] = {"kind": kind, "source": str(path), "model_dir": model_dir, "curves": None,
-                            "adapter": None, "checkpoints": None, "memory": None, "nf4": None}
+                            "adapter": None, "checkpoints": None, "memory": None, "nf4": None,
+                            "model_from_run": model_from_run, "demo": None}
     if model_dir is not None and quantize == "nf4":
         from ..hf import adapter_task
         from .nf4_error import nf4_error_data

@@ -15,7 +15,7 @@ import math
 from html import escape
 from typing import Any
 
-from .panels import dora_panel, memory_panel, nf4_panel
+from .panels import demo_panel, dora_panel, memory_panel, nf4_panel
 from .plan import lora_params, savings_ratio
 from .svg import PALETTE, _colour, _nice, _scale, bar_chart, heatmap, line_chart  # noqa: F401 - also for importers of page
 
@@ -227,12 +227,14 @@ def render(data: dict[str, Any]) -> str:
     summary = f"<p>{escape(data['kind'])} <code>{escape(data['source'])}</code>"
     if data.get("model_dir"):
         summary += f", base model <code>{escape(str(data['model_dir']))}</code>"
+        summary += " (the run's own, from train_config.yaml)" if data.get("model_from_run") else ""
     if adapter:
         t = adapter["totals"]
         summary += (f"; {t['modules']} adapted modules, {t['adapter_params']:,} adapter parameters, "
                     f"{t['adapter_bytes_on_disk']:,} bytes on disk")
     summary += "</p>"
-    sections = [curves_section(data.get("curves")), memory_panel(data.get("memory"))]
+    sections = [demo_panel(data.get("demo"), data["source"]), curves_section(data.get("curves")),
+                memory_panel(data.get("memory"))]
     if adapter:
         sections += [ratio_section(adapter, data.get("checkpoints")), slider_section(adapter), ba_section(),
                      spectrum_section(adapter), dora_panel(adapter)]

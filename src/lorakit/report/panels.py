@@ -81,3 +81,18 @@ def dora_panel(adapter: dict[str, Any] | None) -> str:
     note = ("<p class=\"note\">DoRA's W' row i = m_i (W0 + s B A)_i / ||(W0 + s B A)_i||: the magnitude m is trained "
             "per output row (as PEFT stores it); its start is ||W0_i||.</p>")
     return _section("DoRA: magnitude and direction per output row", table + note + "".join(charts), "dora")
+
+
+def demo_panel(demo: dict[str, Any] | None, source: str) -> str:
+    """The embedded demo's table (its table.md), and which of its runs the sections below show."""
+    if not demo:
+        return ""
+    table = demo["table"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in table["head"])
+    rows = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in table["rows"])
+    after = "".join(f"<p class=\"note\">{escape(p)}</p>" for p in table["after"].split("\n\n") if p.strip())
+    shown = f"{source.rstrip('/')}/{demo['shown']}"
+    body = (f'<table id="demo-table"><tr>{head}</tr>{rows}</table>{after}'
+            f"<p>The sections below show the run <code>{escape(shown)}</code>; "
+            f"<code>lorakit report {escape(shown)}</code> makes its page alone.</p>")
+    return _section("The embedded demo: " + ", ".join(demo["methods"]), body, "demo")
