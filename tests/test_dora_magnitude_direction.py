@@ -55,3 +55,12 @@ def test_zero_update_is_zero_and_shapes_are_checked():
     assert float(dm.abs().max()) < 1e-12 and float(dd.abs().max()) < 1e-12
     with pytest.raises(ValueError, match="W0 has shape"):
         row_magnitude_direction(w0, w0[:3])
+
+
+def test_a_negative_magnitude_flips_the_row():
+    w0, a, b = _factors()
+    v = w0 + 0.5 * b @ a
+    m = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64) + 0.05
+    w1 = m[:, None] * v / v.norm(dim=1, keepdim=True)
+    for x, y in zip(row_magnitude_direction(w0, w1), lowrank_magnitude_direction(w0, "dk", a, b, 0.5, m)):
+        assert torch.allclose(x, y, atol=1e-12)

@@ -114,8 +114,8 @@ def _one_minus_cos(dot: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> tor
 def lowrank_magnitude_direction(w0: torch.Tensor, layout: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
                                 scale: float, magnitude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """row_magnitude_direction for W1 = W0 + s B A (LoRA), or with `magnitude` m for DoRA, whose row i is
-    W1_i = m_i V_i / ||V_i||, V = W0 + s B A (so ||W1_i|| = m_i and W1_i points along V_i), without forming the
-    d x k matrix:
+    W1_i = m_i V_i / ||V_i||, V = W0 + s B A (so ||W1_i|| = |m_i| and W1_i points along sign(m_i) V_i), without
+    forming the d x k matrix:
 
         ||V_i||² = ||W0_i||² + 2 s B_i · (A W0ᵀ)_{:,i} + s² B_i A Aᵀ B_iᵀ       (dora_norm)
         W0_i · V_i = ||W0_i||² + s B_i · (A W0ᵀ)_{:,i}
@@ -131,8 +131,10 @@ def lowrank_magnitude_direction(w0: torch.Tensor, layout: str, lora_A: torch.Ten
     cross = (b * (a.to(rows.dtype) @ rows.t()).to(acc).t()).sum(1)
     dot = w0_sq + scale * cross
     n0 = w0_sq.sqrt()
-    m1 = n_v if magnitude is None else magnitude.reshape(-1).to(acc)
-    return m1 - n0, _one_minus_cos(dot, n0, n_v)
+    if magnitude is None:
+        return n_v - n0, _one_minus_cos(dot, n0, n_v)
+    m = magnitude.reshape(-1).to(acc)  # a negative m_i flips the row: ||W1_i|| = |m_i|, W1_i along -V_i
+    return m.abs() - n0, _one_minus_cos(torch.where(m < 0, -dot, dot), n0, n_v)
 
 
 class _DoraLinear(torch.autograd.Function):
