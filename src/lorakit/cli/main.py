@@ -11,7 +11,8 @@ import sys
 
 from ..errors import LorakitError
 
-COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "report", "plan", "serve")  # modules of lorakit.cli, in --help order
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "report", "plan", "serve",
+            "experiment")  # modules of lorakit.cli, in --help order
 EPILOG = """exit status:
   0    done
   1    a failure while running: a path that cannot be read or written (permission denied, a directory where a
