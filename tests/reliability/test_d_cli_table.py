@@ -178,9 +178,23 @@ ROWS = [
     ("serve-port-out-of-range", "serve --model {model} --port 70000", 2, "--port"),
     ("serve-max-loras-0", "serve --model {model} --port 0 --max-loras 0", 2, "--max-loras"),
     ("serve-describe-no-adapter", "serve --model {model} --port 0 --describe b=text", 2, "--describe"),
+    # experiment (each refused before a run starts)
+    ("experiment-unknown-name", "experiment nosuch --out {out}", 2, "nosuch"),
+    ("experiment-no-out", "experiment rank-sweep", 2, "--out"),
+    ("experiment-out-is-a-file", "experiment rank-sweep --out {file}", 2, "--out"),
+    ("experiment-data-without-model", "experiment rank-sweep --data {data} --out {out}", 2, "--model"),
+    ("experiment-model-missing", "experiment rank-sweep --model {missing} --data {data} --out {out}", 2, "missing"),
+    ("experiment-data-missing", "experiment rank-sweep --model {model} --data {missing} --out {out}", 2, "missing"),
+    ("experiment-seeds-0", "experiment rank-sweep --seeds 0 --out {out}", 2, "--seeds"),
 ]
 FAILS_WHILE_RUNNING = {"train-diverges-at-the-last-step", "train-rank-beyond-memory"}  # --out is in use by then
-COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "report", "plan", "serve")
+COMMANDS = ("train", "quickstart", "generate", "merge", "combine", "inspect", "report", "plan", "serve", "experiment")
+
+
+def test_the_table_knows_every_command_of_the_cli():
+    from lorakit.cli.main import COMMANDS as CLI_COMMANDS
+
+    assert set(CLI_COMMANDS) == set(COMMANDS)  # a new command gets its rows in the table
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
