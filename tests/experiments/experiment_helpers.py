@@ -46,3 +46,17 @@ def tiny_task(model_dir: Path, data: Path, quick: bool = True, steps: int = 3):
     task = load_task(str(model_dir), str(data), quick=quick, seed=0, device="cpu")
     task.settings.update(steps=steps, batch_size=4, eval_batch_size=8, max_length=16)
     return task
+
+
+def run_quietly(module, task, out: Path):
+    """module.run(task, out, quick=True) with a fresh CellStore, its printed table captured: (results, printed)."""
+    import contextlib
+    import io
+
+    from lorakit.experiments.core import CellStore
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = module.run(task, out, quick=True, seeds=None, store=CellStore(out, module.NAME, {"seeds": None}),
+                             progress_stream=io.StringIO())
+    return results, printed.getvalue()

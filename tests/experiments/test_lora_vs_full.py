@@ -6,11 +6,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 
 import pytest
 import torch
-from experiment_helpers import tiny_task, write_classification_jsonl
+from experiment_helpers import run_quietly, tiny_task, write_classification_jsonl
 from safetensors.torch import load_file
 
 from lorakit.experiments import lora_vs_full as L
@@ -25,14 +24,8 @@ def done(classifier_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lvf")
     task = tiny_task(classifier_dir, write_classification_jsonl(root / "cls.jsonl", n=40), steps=STEPS)
     out = root / "out"
-    printed, stdout = io.StringIO(), sys.stdout
-    sys.stdout = printed
-    try:
-        results = L.run(task, out, quick=True, seeds=None, store=CellStore(out, L.NAME, {"seeds": None}),
-                        progress_stream=io.StringIO())
-    finally:
-        sys.stdout = stdout
-    return task, out, results, printed.getvalue()
+    results, printed = run_quietly(L, task, out)
+    return task, out, results, printed
 
 
 def test_results_structure_and_the_bound_invariant(done):

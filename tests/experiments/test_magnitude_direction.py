@@ -3,20 +3,17 @@
 
 from __future__ import annotations
 
-import io
 import json
-import sys
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from experiment_helpers import tiny_task, write_classification_jsonl
+from experiment_helpers import run_quietly, tiny_task, write_classification_jsonl
 
 import lorakit
 from conftest import randomize_adapters, tiny_bert
 from lorakit.experiments import magnitude_direction as MD
-from lorakit.experiments.cells import CellStore
 from lorakit.model import lora_layers
 
 STEPS = 3
@@ -105,14 +102,8 @@ def done(classifier_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("md")
     task = tiny_task(classifier_dir, write_classification_jsonl(root / "cls.jsonl", n=40), steps=STEPS)
     out = root / "out"
-    printed, stdout = io.StringIO(), sys.stdout
-    sys.stdout = printed
-    try:
-        results = MD.run(task, out, quick=True, seeds=None, store=CellStore(out, MD.NAME, {"seeds": None}),
-                         progress_stream=io.StringIO())
-    finally:
-        sys.stdout = stdout
-    return out, results, printed.getvalue()
+    results, printed = run_quietly(MD, task, out)
+    return out, results, printed
 
 
 def test_quick_path(done):

@@ -9,19 +9,10 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from ..report.page import PALETTE
+from ..report.svg import PALETTE, tick_label
 
 Points = Sequence[Sequence[float]]
 MARKER = "#6b7280"  # grey: reference lines
-
-
-def tick_label(value: float) -> str:
-    """A short axis label: 0, 0.25, 1.5e+04, 3.0e-04."""
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-3:
-        return f"{value:.1e}"
-    return f"{value:.4g}"
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:

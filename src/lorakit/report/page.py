@@ -17,7 +17,7 @@ from typing import Any
 
 from .panels import demo_panel, dora_panel, memory_panel, nf4_panel
 from .plan import lora_params, savings_ratio
-from .svg import PALETTE, _colour, _nice, _scale, bar_chart, heatmap, line_chart  # noqa: F401 - also for importers of page
+from .svg import PALETTE, _colour, _scale, bar_chart, heatmap, line_chart, tick_label  # noqa: F401 - also for importers of page
 
 BA_DEFAULT_D, BA_DEFAULT_R = 4096, 8
 

@@ -9,8 +9,8 @@ from html import escape
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f")
 
 
-def _nice(value: float) -> str:
-    """A short label for an axis tick."""
+def tick_label(value: float) -> str:
+    """A short axis label: 0, 0.25, 1.5e+04, 3.0e-04."""
     if value == 0:
         return "0"
     if abs(value) >= 1e4 or abs(value) < 1e-3:
@@ -39,10 +39,10 @@ def line_chart(series: dict[str, list[list[float]]], title: str, width: int = 52
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>']
     for value in (min(ys), max(ys)):
         parts.append(f'<text x="{left - 4}" y="{sy(value) + 4:.1f}" class="tick" text-anchor="end">'
-                     f'{escape(_nice(value))}</text>')
+                     f'{escape(tick_label(value))}</text>')
     for value in (min(xs), max(xs)):
         parts.append(f'<text x="{sx(value):.1f}" y="{height - 10}" class="tick" text-anchor="middle">'
-                     f'{escape(_nice(value))}</text>')
+                     f'{escape(tick_label(value))}</text>')
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
