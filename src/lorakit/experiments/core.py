@@ -248,6 +248,8 @@ def train_run(task: Task, method: str, *, seed: int, out_dir: Path, r: int = 8, 
         requires_grad (e.g. one d-dimensional subspace vector); checkpoints and the final save (out_dir/trainable/
         trainable.safetensors) hold those parameters only.
     callbacks: lorakit.train.Callback instances (e.g. to record the factors every N steps in memory).
+    Peak memory: on Linux the process's resident-set high-water mark (VmHWM) is reset at the start of the run
+    (lorakit.train.memory.PeakMemory), so a caller reading VmHWM itself sees it restart there.
 
     Raises:
         ConfigError: method "custom" without a model, an invalid setting (by name), no trainable parameter.
