@@ -6,12 +6,13 @@ out, every text escaped; the page's STYLE is report.page's."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from html import escape
 
 from ..report.svg import PALETTE, tick_label
 
 Points = Sequence[Sequence[float]]
+Series = Mapping[str, Points]
 MARKER = "#6b7280"  # grey: reference lines
 
 
@@ -70,8 +71,8 @@ def _legend(parts: list[str], names: list[tuple[str, str]], x: float, top: int) 
                      f'<text x="{x + 11:.0f}" y="{y + 10}" class="tick">{escape(name)}</text>')
 
 
-def log_line_chart(series: dict[str, Points], title: str, *, base: float = 2.0,
-                   points: dict[str, Points] | None = None, errors: dict[str, Points] | None = None,
+def log_line_chart(series: Series, title: str, *, base: float = 2.0,
+                   points: Series | None = None, errors: Series | None = None,
                    hlines: dict[str, float] | None = None, vlines: dict[str, float] | None = None,
                    x_label: str = "", y_label: str = "", width: int = 680, height: int = 280) -> str:
     """Lines {name: [[x, y], ...]} on a log-`base` x axis; `points`: dots without a line (each run), `errors`:
@@ -135,7 +136,7 @@ def log_line_chart(series: dict[str, Points], title: str, *, base: float = 2.0,
     return "".join(parts)
 
 
-def scatter_chart(groups: dict[str, Points], title: str, *, x_label: str = "", y_label: str = "",
+def scatter_chart(groups: Series, title: str, *, x_label: str = "", y_label: str = "",
                   width: int = 520, height: int = 300) -> str:
     """Points {group: [[x, y], ...]}, one colour per group (legend), with the x = 0 and y = 0 lines when they fall
     inside the plot; "" when there is no finite point."""

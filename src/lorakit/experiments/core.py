@@ -30,12 +30,12 @@ DEFAULT_NAME = "embedded MiniLM / stdlib docstrings"
 # The embedded default (lorakit.demo's task, smaller): sized so that one LoRA run of `steps` steps takes ~40 s on a
 # 2-core CPU (0.7 s a step; full fine-tuning 1.6 s) and the default rank sweep (7 ranks + full fine-tuning, 2 seeds)
 # stays within 15 minutes; 48 steps of 16 are ~0.9 epoch of the 7 x 120 training docstrings.
-EMBEDDED = {"packages": DEFAULT_PACKAGES, "max_train_per_label": 120, "max_test_per_label": 40, "max_length": 32,
+EMBEDDED: dict[str, Any] = {"packages": DEFAULT_PACKAGES, "max_train_per_label": 120, "max_test_per_label": 40, "max_length": 32,
             "batch_size": 16, "steps": 48}
-EMBEDDED_QUICK = {"packages": ("email", "logging", "unittest"), "max_train_per_label": 60, "max_test_per_label": 20,
+EMBEDDED_QUICK: dict[str, Any] = {"packages": ("email", "logging", "unittest"), "max_train_per_label": 60, "max_test_per_label": 20,
                   "max_length": 24, "batch_size": 16, "steps": 12}
 # every task: the optimisation (lorakit.demo's settings: LoRA 2e-3, full fine-tuning 1e-4, VeRA 4e-3)
-COMMON = {"eval_batch_size": 64, "warmup_ratio": 0.06, "lr_scheduler_type": "linear", "weight_decay": 0.0,
+COMMON: dict[str, Any] = {"eval_batch_size": 64, "warmup_ratio": 0.06, "lr_scheduler_type": "linear", "weight_decay": 0.0,
           "max_grad_norm": 1.0, "lora_scale": 2.0, "lora_dropout": 0.05,
           "learning_rates": {"adapter": 2e-3, "full": 1e-4, "vera": 4e-3}}
 EVAL_FRACTION = 0.2  # a user's data: the share held out for evaluation (a permutation fixed by the seed)
@@ -307,11 +307,12 @@ def _train_prepared(cfg: Any, task: Task, model: nn.Module, custom: bool,
     with directory_lock(cfg.out, purpose="lorakit experiment"):
         out = rundir.prepare_out_dir(cfg)
         atomic_write(out, {"train_config.yaml": lambda path: path.write_text(cfg.to_yaml())})
+        config: Any = model.config
         if data.task == "classification":
-            model.config.label2id, model.config.id2label = dict(data.label2id), data.id2label
+            config.label2id, config.id2label = dict(data.label2id or {}), data.id2label
         model.to(device)
-        if getattr(model.config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = task.tokenizer.pad_token_id
+        if getattr(config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
+            config.pad_token_id = task.tokenizer.pad_token_id
         if not custom:
             attach_for_training(model, with_planned_steps(cfg, len(data.train), 1), data.task)
         if configure is not None:

@@ -7,6 +7,7 @@ of the largest pair run, and LoRA against full fine-tuning."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -129,11 +130,11 @@ def run(task: Task, out_dir: Path, quick: bool, seeds: int | None, store: CellSt
         for r in ranks:
             key = f"lora-r{r}-seed{seed}"
             runs.append(run_cell(store, progress, key, f"LoRA r={r} seed {seed}",
-                                 lambda r=r, seed=seed, key=key: _cell(task, "lora", r, seed, out_dir / "runs" / key),
+                                 partial(_cell, task, "lora", r, seed, out_dir / "runs" / key),
                                  note=lambda c: f"{task.metric} {c['metric']:.4f}"))
         key = f"full-seed{seed}"
         full_runs.append(run_cell(store, progress, key, f"full fine-tuning seed {seed}",
-                                  lambda seed=seed, key=key: _cell(task, "full", None, seed, out_dir / "runs" / key),
+                                  partial(_cell, task, "full", None, seed, out_dir / "runs" / key),
                                   note=lambda c: f"{task.metric} {c['metric']:.4f}"))
     summary = summarize(runs, full_runs, task.higher_is_better)
     results = {"ranks": list(ranks), "seeds": seed_list, "steps": task.settings["steps"],

@@ -7,6 +7,7 @@ with lorakit.demo.family's settings (rank, alpha, dropout, options; DoRA and LoR
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -114,7 +115,7 @@ def run(task: Task, out_dir: Path, quick: bool, seeds: int | None, store: CellSt
         for method in METHODS:
             key = f"{method}-seed{seed}"
             cells.append(run_cell(store, progress, key, f"{family.DISPLAY[method]} seed {seed}",
-                                  lambda m=method, seed=seed, key=key: _cell(task, m, seed, out_dir / "runs" / key),
+                                  partial(_cell, task, method, seed, out_dir / "runs" / key),
                                   note=lambda c: f"{task.metric} {c['metric']:.4f}"))
     rows = summarize(cells, task.higher_is_better)
     table = format_table(rows, task.metric)

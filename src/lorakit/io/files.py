@@ -25,7 +25,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def atomic_write(directory: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+def atomic_write(directory: Path, writers: dict[str, Callable[[Path], object]]) -> None:
     """Write several files into `directory` all-or-nothing per file: each writer fills a temporary path;
     the renames happen only after every file was written and synced. Files that must change together belong
     in one directory published by io.publish.publishing instead. Temporary files a killed writer left in

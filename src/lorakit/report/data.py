@@ -36,7 +36,7 @@ def rank_k_table(singular_values: list[float]) -> list[dict[str, float | int | N
     σ is sorted descending first. For an all-zero update every value is None (nothing to keep or lose)."""
     energy = sorted((float(s) ** 2 for s in singular_values), reverse=True)
     total = math.fsum(energy)
-    rows = []
+    rows: list[dict[str, float | int | None]] = []
     for k in range(1, len(energy) + 1):
         if total <= 0.0:
             rows.append({"k": k, "energy_kept": None, "rel_error": None, "bound": None})
@@ -178,9 +178,9 @@ def gather(directory: str | Path, model_dir: str | None = None, dtype: str | Non
     records = demo_records(path) if path.is_dir() else None
     if records is not None:  # the embedded demo's output: its table, then one method's run
         shown = shown_method(path, records)
-        data = gather(path / shown, model_dir, dtype, quantize)
-        data.update(kind="demo", source=str(path), demo=demo_summary(path, records, shown))
-        return data
+        shown_run = gather(path / shown, model_dir, dtype, quantize)
+        shown_run.update(kind="demo", source=str(path), demo=demo_summary(path, records, shown))
+        return shown_run
     kind = kind_of_dir(path)
     model_from_run = model_dir is None and kind == "run" and run_model(path) is not None
     if model_from_run:

@@ -4,6 +4,7 @@ chart; `lorakit report`'s page and the experiment pages draw with them. Every te
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from html import escape
 
 PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f")
@@ -18,7 +19,7 @@ def tick_label(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _scale(lo: float, hi: float, out_lo: float, out_hi: float):
+def _scale(lo: float, hi: float, out_lo: float, out_hi: float) -> Callable[[float], float]:
     span = hi - lo if hi > lo else 1.0
     return lambda v: out_lo + (v - lo) / span * (out_hi - out_lo)
 
