@@ -64,7 +64,7 @@ def demo_summary(directory: Path, records: list[dict[str, Any]], shown: str) -> 
 def run_model(run_dir: Path) -> str | None:
     """The model directory a `lorakit train` run names in its train_config.yaml, when it is a local directory that
     is still there (a model ID is not fetched for a report); else None."""
-    import yaml  # type: ignore[import-untyped]
+    import yaml  # type: ignore[import-untyped, unused-ignore]  # stubs may or may not be installed
 
     try:
         config = yaml.safe_load((run_dir / "train_config.yaml").read_text(encoding="utf-8"))
