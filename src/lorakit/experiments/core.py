@@ -266,14 +266,13 @@ def train_run(task: Task, method: str, *, seed: int, out_dir: Path, r: int = 8, 
     started = time.perf_counter()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
-        model = model if model is not None else task.fresh_model(seed)
-        if configure is None and method != "custom":
-            from ..train.loop import train
+        from ..train.loop import Setup, train
 
-            result = train(cfg, model=model, tokenizer=task.tokenizer, train_records=task.train_records,
-                           eval_records=task.eval_records, callbacks=callbacks)
-        else:
-            result = _train_prepared(cfg, task, model, method == "custom", configure, callbacks)
+        model = model if model is not None else task.fresh_model(seed)
+        custom = method == "custom"  # nothing attached; the final save holds the trainable parameters alone
+        setup = Setup(attach=not custom, configure=configure, trainer_cls=_TrainableOnlyTrainer if custom else Trainer)
+        result = train(cfg, model=model, tokenizer=task.tokenizer, train_records=task.train_records,
+                       eval_records=task.eval_records, callbacks=callbacks, setup=setup)
     seconds = time.perf_counter() - started
     peak = memory.stop()
     losses = result.losses or [float("nan")]
@@ -285,41 +284,6 @@ def train_run(task: Task, method: str, *, seed: int, out_dir: Path, r: int = 8, 
                      total=result.total, seconds=seconds,
                      peak_memory_bytes=int(peak.get("peak_gpu_bytes", peak["peak_rss_bytes"])),
                      out_dir=Path(out_dir), saved_dir=Path(result.saved_dir), model=model)
-
-
-def _train_prepared(cfg: Any, task: Task, model: nn.Module, custom: bool,
-                    configure: Callable[[nn.Module], None] | None, callbacks: list | None) -> Any:
-    """loop.train's steps with `configure` between the attach and the optimizer (custom: no attach at all)."""
-    import random
-
-    from ..io.files import atomic_write
-    from ..io.lock import directory_lock
-    from ..train import rundir
-    from ..train.data import load_datasets
-    from ..train.loop import attach_for_training, resolve_device, with_planned_steps
-    from ..train.trainer import build_optimizer
-
-    torch.manual_seed(cfg.seed)  # as loop.train: one seed for init, data order and dropout (restored by fork_rng)
-    random.seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    data = load_datasets(cfg, task.tokenizer, records=task.train_records, eval_records=task.eval_records)
-    rundir.check_out_dir(cfg)
-    with directory_lock(cfg.out, purpose="lorakit experiment"):
-        out = rundir.prepare_out_dir(cfg)
-        atomic_write(out, {"train_config.yaml": lambda path: path.write_text(cfg.to_yaml())})
-        config: Any = model.config
-        if data.task == "classification":
-            config.label2id, config.id2label = dict(data.label2id or {}), data.id2label
-        model.to(device)
-        if getattr(config, "pad_token_id", None) is None and task.tokenizer.pad_token_id is not None:
-            config.pad_token_id = task.tokenizer.pad_token_id
-        if not custom:
-            attach_for_training(model, with_planned_steps(cfg, len(data.train), 1), data.task)
-        if configure is not None:
-            configure(model)
-        trainer = (_TrainableOnlyTrainer if custom else Trainer)(model, cfg, data.train, data.eval, callbacks, collate=data.collate, task=data.task,
-                              tokenizer=task.tokenizer, optimizer=build_optimizer(model, cfg), device=device)
-        return trainer.fit()
 
 
 class _TrainableOnlyTrainer(Trainer):

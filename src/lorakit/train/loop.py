@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -116,10 +117,23 @@ def check_quantized(model: nn.Module, cfg: TrainConfig) -> None:
                           f"besides its heads (GPT-2's Conv1D layers are not quantised); drop --quantize")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """How train() readies a model it was given, for callers that choose its trainable parameters themselves (the
+    experiments): `attach` False leaves the model's requires_grad flags as they are (no adapter, nothing unfrozen);
+    `configure(model)` runs after the attach and before the optimizer is built; `trainer_cls` replaces Trainer
+    (e.g. one whose final save holds the trainable parameters alone)."""
+
+    attach: bool = True
+    configure: Callable[[nn.Module], None] | None = None
+    trainer_cls: type[Trainer] = Trainer
+
+
 def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = None,
           train_records: list[dict] | None = None, eval_records: list[dict] | None = None,
-          callbacks: list[Callback] | None = None) -> TrainResult:
-    """Run one training job as `cfg` describes; model/tokenizer/records may be given instead of paths.
+          callbacks: list[Callback] | None = None, setup: Setup | None = None) -> TrainResult:
+    """Run one training job as `cfg` describes; model/tokenizer/records may be given instead of paths, and `setup`
+    changes how a given model is readied (Setup).
 
     Raises:
         LorakitError subclasses: bad data (file and line named), a model directory that cannot be loaded,
@@ -134,12 +148,12 @@ def train(cfg: TrainConfig, model: nn.Module | None = None, tokenizer: Any = Non
     random.seed(cfg.seed)
     # under torchrun: a process group for the run (destroyed at its end, also on an error); else one process
     with process_group(cfg.device, cfg.ddp_timeout) as dist:
-        return _train_on(dist, cfg, model, tokenizer, train_records, eval_records, callbacks)
+        return _train_on(dist, cfg, model, tokenizer, train_records, eval_records, callbacks, setup or Setup())
 
 
 def _train_on(dist: Dist, cfg: TrainConfig, model: nn.Module | None, tokenizer: Any,
               train_records: list[dict] | None, eval_records: list[dict] | None,
-              callbacks: list[Callback] | None) -> TrainResult:
+              callbacks: list[Callback] | None, setup: Setup) -> TrainResult:
     """train() in its process group: rank 0 checks and locks --out (every rank fails alike), all load and fit."""
     from . import data as D
 
@@ -158,7 +172,7 @@ def _train_on(dist: Dist, cfg: TrainConfig, model: nn.Module | None, tokenizer: 
     # --out is locked (by rank 0) from here to the end of the run (io.lock): a second run into it is refused, by name
     with ExitStack() as lock:
         dist.on_main(lambda: lock.enter_context(directory_lock(cfg.out, purpose="lorakit train")))
-        return _train_into_out(cfg, model, tokenizer, datasets, callbacks, resume_dir, device, dist)
+        return _train_into_out(cfg, model, tokenizer, datasets, callbacks, resume_dir, device, dist, setup)
 
 
 def _prepare_out(cfg: TrainConfig, resume_dir: Path | None) -> None:
@@ -169,7 +183,7 @@ def _prepare_out(cfg: TrainConfig, resume_dir: Path | None) -> None:
 
 def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, datasets: Any,
                     callbacks: list[Callback] | None, resume_dir: Path | None, device: torch.device,
-                    dist: Dist) -> TrainResult:
+                    dist: Dist, setup: Setup) -> TrainResult:
     """train() once the data is loaded and --out is locked: prepare --out, load the model, attach, fit."""
     task = datasets.task
     dist.on_main(lambda: _prepare_out(cfg, resume_dir))
@@ -195,7 +209,10 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
         check_quantized(model, cfg)
     elif cfg.quantize and not residual_init:
         quantize_base(model, cfg, task, device)
-    attach_for_training(model, with_planned_steps(cfg, len(datasets.train), dist.world_size), task)
+    if setup.attach:
+        attach_for_training(model, with_planned_steps(cfg, len(datasets.train), dist.world_size), task)
+    if setup.configure is not None:
+        setup.configure(model)
     if cfg.quantize and residual_init:  # QPiSSA / LoftQ: factor the full-precision W0, then quantise the rest
         quantize_base(model, cfg, task, device)
     if cfg.gradient_checkpointing:
@@ -208,8 +225,9 @@ def _train_into_out(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, d
     for warning in datasets.warnings():
         print(f"lorakit: warning: {warning}")
 
-    trainer = Trainer(model, cfg, datasets.train, datasets.eval, callbacks, collate=datasets.collate, task=task,
-                      tokenizer=tokenizer, optimizer=build_optimizer(model, cfg), device=device, dist=dist)
+    trainer = setup.trainer_cls(model, cfg, datasets.train, datasets.eval, callbacks, collate=datasets.collate,
+                                task=task, tokenizer=tokenizer, optimizer=build_optimizer(model, cfg), device=device,
+                                dist=dist)
     if cfg.resume:
         trainer.resume(resume_dir)
     trainer.message(f"lorakit train: {task}, {len(datasets.train)} examples, {trainer.total_steps} steps, "
