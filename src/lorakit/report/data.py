@@ -182,9 +182,10 @@ def gather(directory: str | Path, model_dir: str | None = None, dtype: str | Non
         shown_run.update(kind="demo", source=str(path), demo=demo_summary(path, records, shown))
         return shown_run
     kind = kind_of_dir(path)
-    model_from_run = model_dir is None and kind == "run" and run_model(path) is not None
+    own_model = run_model(path) if model_dir is None and kind == "run" else None
+    model_from_run = own_model is not None
     if model_from_run:
-        model_dir = run_model(path)
+        model_dir = own_model
     data: dict[str, Any] = {"kind": kind, "source": str(path), "model_dir": model_dir, "curves": None,
                             "adapter": None, "checkpoints": None, "memory": None, "nf4": None,
                             "model_from_run": model_from_run, "demo": None}
